@@ -1,0 +1,34 @@
+"""lightning-dropout: the dropout family of regularizers for PyTorch Lightning.
+
+Layers (pure PyTorch), schedules, Monte-Carlo inference, torchmetrics metrics and
+Lightning callbacks; see the README for the tour.
+"""
+
+from lightning_dropout.layers import (
+    DropConnect,
+    DropConnectConv1d,
+    DropConnectConv2d,
+    DropConnectConv3d,
+    DropConnectLinear,
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    GaussianDropout,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DropConnect",
+    "DropConnectConv1d",
+    "DropConnectConv2d",
+    "DropConnectConv3d",
+    "DropConnectLinear",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "GaussianDropout",
+    "__version__",
+]

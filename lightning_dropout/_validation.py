@@ -1,0 +1,71 @@
+"""Argument checks shared by every layer, schedule and callback.
+
+Errors name the argument and the value received, so a bad YAML config or a typo in a
+call reads as what it is.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def check_probability(name: str, value: Any, *, allow_one: bool = True) -> float:
+    """Return ``value`` as a float probability, or raise naming ``name``.
+
+    Args:
+        name: the argument's name, used in the error message.
+        value: the value received.
+        allow_one: whether 1.0 is allowed (layers accept it, schedules do not).
+
+    Raises:
+        TypeError: ``value`` is not a real number (bools are refused too).
+        ValueError: ``value`` is NaN or outside [0, 1] (or [0, 1) without ``allow_one``).
+
+    Example:
+        >>> check_probability("p", 0.25)
+        0.25
+    """
+    # numbers.Real admits numpy scalars; a tensor p is refused because it would move the
+    # mask draw onto the tensor's device and make every comparison a sync.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")
+    p = float(value)
+    upper = "1]" if allow_one else "1)"
+    if math.isnan(p) or p < 0.0 or p > 1.0 or (not allow_one and p == 1.0):
+        raise ValueError(f"{name} must be in [0, {upper}, got {value!r}")
+    return p
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int >= 1, else raise naming ``name``.
+
+    Raises:
+        TypeError: ``value`` is not an int (bools are refused).
+        ValueError: ``value`` < 1.
+
+    Example:
+        >>> check_positive_int("n_samples", 4)
+        4
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise naming ``name``.
+
+    Raises:
+        ValueError: ``value`` is not one of ``choices``.
+
+    Example:
+        >>> check_choice("interval", "step", ("step", "epoch"))
+        'step'
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)

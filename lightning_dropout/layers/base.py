@@ -1,0 +1,64 @@
+"""What every dropout-family layer of this package shares: a validated, mutable ``p``."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_dropout._validation import check_probability
+
+
+def check_floating(x: Tensor, name: str = "input") -> None:
+    """Raise a TypeError unless ``x`` is a floating-point tensor.
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or its dtype is not floating point.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+class DropProbability:
+    """Mixin of every dropout-family layer of this package: a validated, mutable ``p``.
+
+    ``p`` (the probability of dropping) is a plain attribute that may change between
+    steps, as a scheduler does; every assignment is validated. Being an instance of this
+    class is what makes a module one of this package's dropout layers.
+    """
+
+    _p: float
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = check_probability("p", value)
+
+
+class DropoutBase(DropProbability, nn.Module):
+    """Base of this package's activation-dropping layers.
+
+    Args:
+        p: drop probability in [0, 1].
+
+    Raises:
+        TypeError: ``p`` is not a real number.
+        ValueError: ``p`` is NaN or outside [0, 1].
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool, else raise a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,130 @@
+"""DropConnect for any module: mask the named weights of a wrapped Linear, ConvNd, RNN,
+LSTM, GRU, or anything else with weight parameters (Wan et al., ICML 2013; used on the
+recurrent weights ``weight_hh_l*`` as AWD-LSTM's "weight drop", Merity et al. 2018).
+
+The wrapped module keeps its real parameters: each training forward computes masked
+copies and runs the module with them through :func:`torch.func.functional_call`, so
+gradients reach the real parameters, the parameter count does not change, and cuDNN
+RNNs keep working. (The original AWD-LSTM WeightDrop deleted the parameter and
+re-assigned a plain tensor, which broke ``flatten_parameters`` and lost gradients.) The
+wrapper's state_dict has the wrapped module's own keys, so weights saved from the plain
+module load into the wrapped one and back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_dropout.layers.base import DropProbability
+from lightning_dropout.layers.dropconnect import drop_connect
+
+_WRAPPED = "module."
+
+
+class DropConnect(DropProbability, nn.Module):
+    """Wrap ``module`` so that its ``names`` weights are dropped in training.
+
+    One mask per forward call (for an RNN: the same mask at every time step), inverted
+    scaling; the identity wrapper in evaluation. ``mask_groups`` (set by Monte-Carlo
+    inference) splits dimension 0 of the first input into that many groups with
+    independent masks; this needs a module that maps one batch-first tensor to one
+    tensor (Linear, ConvNd).
+
+    Args:
+        module: the module whose weights to drop.
+        p: probability of dropping each weight, in [0, 1]; may be reassigned.
+        names: parameter names of ``module`` to mask (dotted names reach submodules).
+
+    Raises:
+        TypeError: ``module`` is not an nn.Module or ``names`` not a sequence of strings.
+        ValueError: ``p`` outside [0, 1], ``names`` empty, or a name that is not a
+            floating-point parameter of ``module`` (the message lists those that are).
+
+    Example:
+        >>> lstm = DropConnect(torch.nn.LSTM(4, 8), p=0.5, names=("weight_hh_l0",))
+        >>> out, _ = lstm(torch.randn(5, 2, 4))
+        >>> out.shape, sum(p.numel() for p in lstm.parameters()) == 4 * 8 * (4 + 8 + 2)
+        (torch.Size([5, 2, 8]), True)
+        >>> sorted(lstm.state_dict())[:2]
+        ['bias_hh_l0', 'bias_ih_l0']
+    """
+
+    def __init__(self, module: nn.Module, p: float = 0.5, names: Sequence[str] = ("weight",)) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"names must be a sequence of parameter names, got {names!r}")
+        if not names:
+            raise ValueError("names must name at least one parameter, got an empty sequence")
+        available = {n for n, t in module.named_parameters() if t.is_floating_point()}
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(
+                f"names {unknown} are not parameters of {type(module).__name__}; it has {sorted(available)}"
+            )
+        self.module = module
+        self.p = p
+        self.names = tuple(names)
+        self.mask_groups = 1
+        self.register_state_dict_post_hook(_strip_wrapper_prefix)
+        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.training or self.p == 0.0:
+            return self.module(*args, **kwargs)
+        if self.mask_groups > 1:
+            return self._grouped_forward(*args, **kwargs)
+        return self._masked_call(args, kwargs)
+
+    def _masked_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        params = dict(self.module.named_parameters())
+        masked = {n: drop_connect(params[n], self.p) for n in self.names}
+        with warnings.catch_warnings():
+            # cuDNN RNNs warn on every call that masked weights are not one contiguous
+            # chunk; that is inherent to weight masking and costs one copy, not an error.
+            warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
+            return functional_call(self.module, masked, args, kwargs)
+
+    def _grouped_forward(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self.module, nn.RNNBase) or not args or not isinstance(args[0], Tensor):
+            raise NotImplementedError(
+                f"independent masks per group (mask_groups={self.mask_groups}) need a module "
+                f"mapping one batch-first tensor to a tensor, not {type(self.module).__name__}; "
+                "use looped Monte-Carlo inference (batched=False) for this model"
+            )
+        x, rest = args[0], args[1:]
+        chunks = x.chunk(self.mask_groups) if x.shape[0] % self.mask_groups == 0 else None
+        if chunks is None or len(chunks) != self.mask_groups:
+            raise ValueError(f"batch size {x.shape[0]} is not a multiple of mask_groups {self.mask_groups}")
+        return torch.cat([self._masked_call((c, *rest), kwargs) for c in chunks])
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, names={list(self.names)}"
+
+
+def _strip_wrapper_prefix(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _WRAPPED)]:
+        state_dict[prefix + key[len(prefix + _WRAPPED) :]] = state_dict.pop(key)
+
+
+def _add_wrapper_prefix(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _WRAPPED)]:
+        state_dict[prefix + _WRAPPED + key[len(prefix) :]] = state_dict.pop(key)
