@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["apply_keep_bytes", "channel_dropout", "dropout", "keep_bytes", "probability_digits"]
+__all__ = [
+    "apply_keep_bytes",
+    "channel_dropout",
+    "dropout",
+    "group_masked_weights",
+    "keep_bytes",
+    "probability_digits",
+]
 
 _LANES = 8
 _ONES = 0x0101010101010101
@@ -40,7 +47,7 @@ _HIGH = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as a signed int64
 _LOW7 = 0x7F7F7F7F7F7F7F7F
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MIN_INT64 = -(2**63)
-_APPLY_CHUNK = 1 << 17
+_APPLY_CHUNK = 1 << 18
 
 
 @functools.lru_cache(maxsize=256)
@@ -130,15 +137,20 @@ def keep_bytes(numel: int, p: float, generator: torch.Generator | None = None) -
     return keep
 
 
-def apply_keep_bytes(x: Tensor, keep: Tensor, scale: float, inplace: bool = False) -> Tensor:
+def apply_keep_bytes(
+    x: Tensor, keep: Tensor, scale: float, inplace: bool = False, out: Tensor | None = None
+) -> Tensor:
     """``x * scale`` where ``keep`` (int8 -1 / 0, broadcastable) is -1, exactly 0 elsewhere.
+
+    Writes into ``out`` when given (``x`` itself when ``inplace``).
 
     Example:
         >>> keep = torch.tensor([-1, 0, -1], dtype=torch.int8)
         >>> apply_keep_bytes(torch.tensor([1.0, float("inf"), 3.0]), keep, 2.0)
         tensor([2., 0., 6.])
     """
-    out = x if inplace else torch.empty_like(x)
+    if out is None:
+        out = x if inplace else torch.empty_like(x)
     integer = _INT_OF_SIZE[out.element_size()]
     if keep.shape != x.shape or not (x.is_contiguous() and out.is_contiguous()):
         # A broadcast (channel) mask is small: widen it once.
@@ -177,7 +189,7 @@ class _MaskedScale(torch.autograd.Function):
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
-        return _MaskedScale.apply(x, keep, scale, inplace)  # type: ignore[no-any-return]
+        return _MaskedScale.apply(x, keep, scale, inplace)
     return apply_keep_bytes(x, keep, scale, inplace)
 
 
@@ -204,3 +216,50 @@ def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) ->
     """
     keep = keep_bytes(x.shape[0] * x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
     return _masked_scale(x, keep, scale, inplace)
+
+
+def _mask_groups(weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+    masked = weight.new_empty(keep.shape)
+    for group in range(keep.shape[0]):
+        apply_keep_bytes(weight, keep[group], scale, out=masked[group])
+    return masked
+
+
+class _GroupMaskedWeights(torch.autograd.Function):
+    """One masked, scaled copy of ``weight`` per group; backward sums the masked grads."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+        masked = _mask_groups(weight, keep, scale)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return masked
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        total = apply_keep_bytes(grad[0], keep[0], ctx.scale)
+        buffer = torch.empty_like(total)
+        for group in range(1, keep.shape[0]):
+            total += apply_keep_bytes(grad[group], keep[group], ctx.scale, out=buffer)
+        return total, None, None
+
+
+def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:
+    """``groups`` independent DropConnect copies of a CPU ``weight`` (inverted scaling).
+
+    Differentiable with respect to ``weight``; the masks (one byte a weight) are drawn
+    from ``generator`` and are all that backward keeps.
+
+    Example:
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> w = group_masked_weights(torch.ones(3, 4), 2, 0.5, generator)
+        >>> w.shape, sorted(w.unique().tolist())
+        (torch.Size([2, 3, 4]), [0.0, 2.0])
+    """
+    keep = keep_bytes(groups * weight.numel(), p, generator).view(groups, *weight.shape)
+    scale = 1.0 / (1.0 - p)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _GroupMaskedWeights.apply(weight.contiguous(), keep, scale)
+    return _mask_groups(weight.contiguous(), keep, scale)

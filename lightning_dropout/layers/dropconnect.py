@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_dropout._validation import check_choice, check_positive_int, check_probability
+from lightning_dropout.kernels import cpu as cpu_kernels
 from lightning_dropout.layers.base import DropProbability, check_bool
 from lightning_dropout.layers.dropout import zeros_like_connected
 
@@ -111,6 +112,8 @@ def _masked_group_product(
 ) -> Tensor:
     generator = torch.Generator(device=weight.device)
     generator.manual_seed(seed)
+    if weight.device.type == "cpu":
+        return product(x, cpu_kernels.group_masked_weights(weight, x.shape[0], p, generator), bias)
     mask = torch.empty((x.shape[0], *weight.shape), dtype=weight.dtype, device=weight.device)
     mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
     return product(x, weight * mask, bias)
