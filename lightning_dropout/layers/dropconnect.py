@@ -200,7 +200,7 @@ class DropConnectLayer(DropProbability):
                 return self._activation(self._product(x, self.weight, self.bias))
             return self._gaussian_inference(x)
         if self.p == 1.0:
-            return self._activation(self._product(x, zeros_like_connected(self.weight), self.bias))
+            return self._all_dropped(x)
         groups = self.mask_groups
         if self.per_sample:
             unbatched = x.dim() == self._unbatched_dims()
@@ -217,9 +217,15 @@ class DropConnectLayer(DropProbability):
             return self._activation(out)
         return self._activation(self._product(x, drop_connect(self.weight, self.p), self.bias))
 
+    def _all_dropped(self, x: Tensor) -> Tensor:
+        # Every weight dropped: the output is the bias alone, exactly, with zero gradients,
+        # even where x is infinite (0 * inf would be NaN inside the product).
+        zeros = zeros_like_connected(x), zeros_like_connected(self.weight)
+        return self._activation(self._product(*zeros, self.bias))
+
     def _gaussian_inference(self, x: Tensor) -> Tensor:
         if self.p == 1.0:
-            return self._activation(self._product(x, zeros_like_connected(self.weight), self.bias))
+            return self._all_dropped(x)
         mean = self._product(x, self.weight, self.bias)
         variance = self._product(x * x, self.weight * self.weight, None) * (self.p / (1.0 - self.p))
         std = variance.clamp_min(0.0).sqrt()
