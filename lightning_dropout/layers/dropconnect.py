@@ -178,12 +178,22 @@ class DropConnectLayer(DropProbability):
     ) -> None:
         self.p = p
         self.per_sample = check_bool("per_sample", per_sample)
-        self.inference = check_choice("inference", inference, INFERENCE_MODES)
-        self._activation = resolve_activation(activation)
+        self.inference = inference
+        resolve_activation(activation)  # refuse a bad one now, not at the first forward
+        # A plain attribute: a module activation (PReLU, say) registers as a submodule.
         self.activation = activation
         self.n_samples = check_positive_int("n_samples", n_samples)
         self.max_mask_bytes = check_positive_int("max_mask_bytes", max_mask_bytes)
         self.mask_groups = 1
+
+    @property
+    def inference(self) -> str:
+        """``"mean"`` or ``"gaussian"``: how evaluation forwards treat the weights."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, value: str) -> None:
+        self._inference = check_choice("inference", value, INFERENCE_MODES)
 
     def _product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -193,6 +203,10 @@ class DropConnectLayer(DropProbability):
 
     def _unbatched_dims(self) -> int:
         raise NotImplementedError
+
+    @property
+    def _activation(self) -> Callable[[Tensor], Tensor]:
+        return resolve_activation(self.activation)
 
     def _forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
@@ -236,7 +250,7 @@ class DropConnectLayer(DropProbability):
 
     def _drop_connect_repr(self) -> str:
         extra = f", p={self.p}, per_sample={self.per_sample}, inference={self.inference!r}"
-        if self.activation is not None:
+        if isinstance(self.activation, str):  # a module activation shows as a child
             extra += f", activation={self.activation!r}"
         if self.inference == "gaussian":
             extra += f", n_samples={self.n_samples}"

@@ -194,6 +194,16 @@ def test_unbatched_inputs() -> None:
     assert DropConnectConv2d(2, 3, 3, per_sample=True)(torch.randn(2, 5, 5)).shape == (3, 3, 3)
 
 
+def test_module_activation_is_a_submodule_and_names_can_change() -> None:
+    layer = DropConnectLinear(4, 3, activation=nn.PReLU())
+    assert any(isinstance(m, nn.PReLU) for m in layer.children())
+    assert layer.eval()(torch.randn(2, 4)).shape == (2, 3)
+    layer.activation = nn.Sigmoid()
+    assert bool((layer(torch.randn(2, 4)) > 0).all())
+    with pytest.raises(ValueError, match="inference must be one of"):
+        layer.inference = "median"
+
+
 def test_repr() -> None:
     layer = DropConnectLinear(4, 3, p=0.25, inference="gaussian", activation="tanh", n_samples=7)
     assert repr(layer) == (
