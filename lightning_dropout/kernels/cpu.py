@@ -20,8 +20,15 @@ The mask is one byte an element (-1 kept, 0 dropped), kept for backward like tor
 bool mask. It is applied with an integer AND on the scaled input's bits, so a dropped
 infinite or NaN input gives an exact 0, as :mod:`.reference` does (``torch.where`` and
 ``masked_fill`` cost about 4 ns an element here; the AND about 0.5 ns). Every step
-works in place on a few buffers: fresh 4 MB temporaries cost more in page faults than
-the arithmetic on them.
+works in place on a few small buffers: fresh 4 MB temporaries cost more in page faults
+than the arithmetic on them.
+
+Threads. Every op runs on pieces below torch's parallel grain size, so on one thread.
+Measured on this 2-core host shared with other jobs, a pipeline of some 100 parallel
+regions took 0.5 s instead of 20 ms (each region waits until both its threads are
+scheduled), while ``bernoulli_``, serial anyway, was unaffected; serially the path is
+about as fast on an idle host and stays fast on a busy one. (A thread pool over the
+pieces gave nothing measurable here.)
 """
 
 from __future__ import annotations
@@ -47,7 +54,10 @@ _HIGH = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as a signed int64
 _LOW7 = 0x7F7F7F7F7F7F7F7F
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MIN_INT64 = -(2**63)
-_APPLY_CHUNK = 1 << 20
+# torch runs an elementwise op on one thread below 32768 elements (GRAIN_SIZE). The path
+# works in pieces below that: on a busy host every parallel region waits until all its
+# threads are scheduled, which made a many-op pipeline 10x slower than its idle time.
+_SERIAL = 32767
 
 
 @functools.lru_cache(maxsize=256)
@@ -69,31 +79,30 @@ def _random_words(count: int, generator: torch.Generator | None) -> Tensor:
     return words.random_(_MIN_INT64, None, generator=generator)
 
 
-def _tie_flags(words: Tensor, digit: int) -> Tensor:
-    """High bit of each byte lane set iff the lane equals ``digit`` (exact: no carries)."""
-    diff = words ^ (digit * _ONES)
-    flags = diff & _LOW7
-    return flags.add_(_LOW7).bitwise_or_(diff).bitwise_or_(_LOW7).bitwise_not_()
+def _tie_flags(words: Tensor, digit: int, out: Tensor, scratch: Tensor) -> None:
+    """Into ``out``: each byte lane's high bit set iff the lane equals ``digit`` (exact)."""
+    diff = torch.bitwise_xor(words, digit * _ONES, out=scratch)
+    torch.bitwise_and(diff, _LOW7, out=out)
+    out.add_(_LOW7).bitwise_or_(diff).bitwise_or_(_LOW7).bitwise_not_()
 
 
-def _keep_lanes(words: Tensor, digit: int) -> Tensor:
-    """Each byte lane 0xFF iff the lane (unsigned) is greater than ``digit``, else 0.
-
-    Consumes ``words`` (its buffer is reused).
-    """
+def _keep_lanes(words: Tensor, digit: int, out: Tensor, scratch: Tensor) -> None:
+    """Into ``out``: each byte lane 0xFF iff the lane (unsigned) is greater than ``digit``."""
     threshold = digit + 1
     if threshold == 256:
-        return words.zero_()
+        out.zero_()
+        return
     # Setting each lane's high bit first means no lane borrows from its neighbour; the
     # high bit of the difference is then "low 7 bits >= threshold's low 7 bits".
-    low = (words | _HIGH).sub_((threshold & 0x7F) * _ONES)
-    flags = low.bitwise_and_(words) if threshold & 0x80 else low.bitwise_or_(words)
-    flags.bitwise_and_(_HIGH)
+    torch.bitwise_or(words, _HIGH, out=out).sub_((threshold & 0x7F) * _ONES)
+    if threshold & 0x80:
+        out.bitwise_and_(words)
+    else:
+        out.bitwise_or_(words)
+    out.bitwise_and_(_HIGH)
     # Spread each lane's high bit over the lane (shifts stay inside the lane).
-    shifted = torch.empty_like(flags)
     for shift in (1, 2, 4):
-        flags.bitwise_or_(torch.bitwise_right_shift(flags, shift, out=shifted))
-    return flags
+        out.bitwise_or_(torch.bitwise_right_shift(out, shift, out=scratch))
 
 
 def _resolve_ties(positions: Tensor, digits: bytes, generator: torch.Generator | None) -> Tensor:
@@ -124,17 +133,40 @@ def keep_bytes(numel: int, p: float, generator: torch.Generator | None = None) -
         (0.7, [-1, 0])
     """
     digits = probability_digits(p)
-    words = _random_words(-(-numel // _LANES), generator)
-    ties = _tie_flags(words, digits[0])
-    keep = _keep_lanes(words, digits[0]).view(torch.int8)[:numel]
-    tied_words = torch.nonzero(ties).flatten()
-    if tied_words.numel():
-        lanes = ties[tied_words].view(torch.uint8).view(-1, _LANES) >= 0x80
-        offsets = torch.nonzero(lanes)
-        positions = tied_words[offsets[:, 0]] * _LANES + offsets[:, 1]
+    count = -(-numel // _LANES)
+    words = _random_words(count, generator)
+    lanes = torch.empty(count, dtype=torch.int64)
+    tie_flags = torch.empty(min(count, _SERIAL), dtype=torch.int64)
+    scratch = torch.empty_like(tie_flags)
+    tied_words = []
+    for start in range(0, count, _SERIAL):
+        piece = words[start : start + _SERIAL]
+        size = piece.numel()
+        _tie_flags(piece, digits[0], tie_flags[:size], scratch[:size])
+        tied_words.append(torch.nonzero(tie_flags[:size]).flatten().add_(start))
+        _keep_lanes(piece, digits[0], lanes[start : start + size], scratch[:size])
+    keep = lanes.view(torch.int8)[:numel]
+    ties = torch.cat(tied_words)
+    if ties.numel():
+        flags = words[ties].view(torch.uint8).view(-1, _LANES) == digits[0]
+        offsets = torch.nonzero(flags)
+        positions = ties[offsets[:, 0]] * _LANES + offsets[:, 1]
         positions = positions[positions < numel]
         keep[_resolve_ties(positions, digits, generator)] = -1
     return keep
+
+
+def _elements_per_entry(x: Tensor, keep: Tensor) -> int | None:
+    """How many elements of ``x`` each mask entry covers, if ``keep`` matches ``x``'s
+    leading dims and broadcasts over the rest (element and channel masks); else None."""
+    if keep.dim() != x.dim() or x.numel() == 0:
+        return None
+    lead = keep.dim()
+    while lead and keep.shape[lead - 1] == 1:
+        lead -= 1
+    if keep.shape[:lead] != x.shape[:lead]:
+        return None
+    return x.numel() // keep.numel()
 
 
 def apply_keep_bytes(
@@ -150,23 +182,26 @@ def apply_keep_bytes(
         tensor([2., 0., 6.])
     """
     if out is None:
-        out = x if inplace else torch.empty_like(x)
+        out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     integer = _INT_OF_SIZE[out.element_size()]
-    if keep.shape != x.shape or not (x.is_contiguous() and out.is_contiguous()):
-        # A broadcast (channel) mask is small: widen it once.
+    per_entry = _elements_per_entry(x, keep)
+    if per_entry is None or not (x.is_contiguous() and out.is_contiguous()):
         torch.mul(x, scale, out=out)
         out.view(integer).bitwise_and_(keep.to(integer))
         return out
-    # Widen the byte mask a chunk at a time into one reused buffer: no full-size integer
-    # mask (fresh memory costs page faults) and no mixed-dtype AND (it converts through a
-    # full-size copy). Chunks are large because every op is a parallel region, and on a
-    # busy host each region waits for its threads to be scheduled.
-    flat_x, flat_out, flat_keep = x.view(-1), out.view(-1), keep.reshape(-1)
-    wide = torch.empty(min(_APPLY_CHUNK, flat_x.numel()), dtype=integer)
-    for start in range(0, flat_x.numel(), _APPLY_CHUNK):
-        part = flat_out[start : start + _APPLY_CHUNK]
-        torch.mul(flat_x[start : start + _APPLY_CHUNK], scale, out=part)
-        mask = wide[: part.numel()].copy_(flat_keep[start : start + _APPLY_CHUNK])
+    # Piece by piece, each op below torch's parallel grain size (see _SERIAL), widening
+    # the byte mask into one small reused buffer: no full-size integer mask and no
+    # mixed-dtype AND (which converts through a full-size copy).
+    entries = keep.numel()
+    flat_x, flat_out = x.view(entries, per_entry), out.view(entries, per_entry)
+    flat_keep = keep.reshape(entries, 1)
+    step = max(1, _SERIAL // per_entry)
+
+    wide = torch.empty(min(step, entries), 1, dtype=integer)
+    for start in range(0, entries, step):
+        part = flat_out[start : start + step]
+        torch.mul(flat_x[start : start + step], scale, out=part)
+        mask = wide[: part.shape[0]].copy_(flat_keep[start : start + step])
         part.view(integer).bitwise_and_(mask)
     return out
 
@@ -240,8 +275,9 @@ class _GroupMaskedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (keep,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        total = apply_keep_bytes(grad[0], keep[0], ctx.scale)
+        # One group at a time: a contiguous copy of ``grad`` (often a transposed view
+        # from the matmul) would cost as much memory as all the chunk's masked weights.
+        total = apply_keep_bytes(grad[0], keep[0], ctx.scale, out=grad.new_empty(keep.shape[1:]))
         buffer = torch.empty_like(total)
         for group in range(1, keep.shape[0]):
             total += apply_keep_bytes(grad[group], keep[group], ctx.scale, out=buffer)
