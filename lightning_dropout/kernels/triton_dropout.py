@@ -1,0 +1,308 @@
+# mypy: disable-error-code="no-untyped-def"
+"""Seeded Triton kernels for element, channel and Gaussian dropout that save no mask.
+
+Each call draws one int64 seed from torch's generator of the input's device (so
+``torch.manual_seed`` reproduces runs, per-rank seeding applies, and
+``torch.utils.checkpoint``'s RNG-state restore makes recomputation draw the same seed). The
+mask is a pure function of (seed, position): counter-based Philox, ``tl.randint4x``, one
+Philox call per four elements, each 32-bit draw compared with an integer threshold. The
+backward regenerates the mask from the saved seed, so nothing per element is kept between
+forward and backward, and data moves twice per pass: the floor of a memory-bound op.
+
+Layout: element ``j`` of the block of program ``b`` (``BLOCK`` elements, four quarters of
+``QUARTER``) uses Philox counter ``b * QUARTER + j % QUARTER`` and lane ``j // QUARTER``,
+so every load and store is a contiguous quarter block. Positions are positions in memory:
+an input that is dense (contiguous, channels-last, any permutation) is processed in its
+storage order and the output keeps its strides; any other input is first copied into the
+dense layout ``torch.empty_like`` gives it. Channel dropout draws lane 0 of counter
+``row`` for row ``n * C + c``.
+
+Each function is a ``torch.library.custom_op`` with ``register_autograd``: torch.compile
+keeps it in the graph. ``p`` reaches the kernel as a 0-d float64 tensor, turned into the
+32-bit threshold and the scale on the device, so a ``p`` that changes value between calls
+recompiles nothing (torch.compile specialises on Python floats, not on tensor values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["as_rate", "channel_dropout", "draw_seed", "dropout", "gaussian_dropout"]
+
+BLOCK = 4096
+CHANNEL_TILE = 4096
+_OP_NAMESPACE = "lightning_dropout"
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A 0-d int64 seed drawn on ``device`` from torch's generator (no host sync on CUDA).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> a = draw_seed(torch.device("cpu"))
+        >>> _ = torch.manual_seed(0)
+        >>> bool(a == draw_seed(torch.device("cpu")))
+        True
+    """
+    return torch.randint(2**62, (), dtype=torch.int64, device=device)
+
+
+def as_rate(value: float | Tensor, device: torch.device) -> Tensor:
+    """``value`` (a probability or a noise level) as the 0-d float64 tensor the ops take.
+
+    A tensor is moved, not copied, when it already fits; a float becomes a device-side
+    tensor without a host-to-device copy or a sync.
+
+    Example:
+        >>> as_rate(0.25, torch.device("cpu"))
+        tensor(0.2500, dtype=torch.float64)
+    """
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=torch.float64).reshape(())
+    # A product with the float rather than torch.full(value): torch.compile then turns a
+    # float that changes into a graph input after one recompile instead of one per value.
+    return torch.ones((), dtype=torch.float64, device=device) * value
+
+
+@triton.jit
+def _keep_rule(p_ptr, INVERTED: tl.constexpr):
+    # Drop a 32-bit draw r when r < p * 2**32 (float64: exact to 2**-32 for any p); p = 1
+    # drops everything, which no 32-bit threshold can express.
+    p = tl.load(p_ptr).to(tl.float64)
+    limit = tl.minimum(p * 4294967296.0, 4294967295.0).to(tl.uint32)
+    if INVERTED:  # noqa: SIM108 (a static branch of the compiled kernel)
+        scale = (1.0 / tl.where(p < 1.0, 1.0 - p, 1.0)).to(tl.float32)
+    else:
+        scale = 1.0
+    return limit, p < 1.0, scale
+
+
+@triton.jit
+def _scaled_where(x_ptr, y_ptr, index, n, keep, scale):
+    inside = index < n
+    x = tl.load(x_ptr + index, mask=inside)
+    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, p_ptr, n, INVERTED: tl.constexpr, BLOCK: tl.constexpr):
+    QUARTER: tl.constexpr = BLOCK // 4
+    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    program = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, QUARTER)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), program * QUARTER + lanes)
+    start = program * BLOCK + lanes
+    _scaled_where(x_ptr, y_ptr, start, n, tl.where(any_kept, r0 >= limit, False), scale)
+    _scaled_where(x_ptr, y_ptr, start + QUARTER, n, tl.where(any_kept, r1 >= limit, False), scale)
+    _scaled_where(x_ptr, y_ptr, start + 2 * QUARTER, n, tl.where(any_kept, r2 >= limit, False), scale)
+    _scaled_where(x_ptr, y_ptr, start + 3 * QUARTER, n, tl.where(any_kept, r3 >= limit, False), scale)
+
+
+@triton.jit
+def _noise_product(x_ptr, y_ptr, index, n, normal, sigma):
+    inside = index < n
+    x = tl.load(x_ptr + index, mask=inside)
+    # The factor is formed first, so the output for x = 1 is exactly the factor.
+    factor = 1.0 + sigma * normal
+    tl.store(y_ptr + index, (x.to(tl.float32) * factor).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _gaussian_kernel(x_ptr, y_ptr, seed_ptr, sigma_ptr, n, BLOCK: tl.constexpr):
+    QUARTER: tl.constexpr = BLOCK // 4
+    sigma = tl.load(sigma_ptr).to(tl.float32)
+    program = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, QUARTER)
+    n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), program * QUARTER + lanes)
+    start = program * BLOCK + lanes
+    _noise_product(x_ptr, y_ptr, start, n, n0, sigma)
+    _noise_product(x_ptr, y_ptr, start + QUARTER, n, n1, sigma)
+    _noise_product(x_ptr, y_ptr, start + 2 * QUARTER, n, n2, sigma)
+    _noise_product(x_ptr, y_ptr, start + 3 * QUARTER, n, n3, sigma)
+
+
+@triton.jit
+def _channel_kernel(
+    x_ptr,
+    y_ptr,
+    seed_ptr,
+    p_ptr,
+    rows,
+    row_size,
+    INVERTED: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+):
+    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    col = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
+    # One Philox call per row of the tile, not per element: lane 0 of counter `row`.
+    keep = tl.where(any_kept, tl.randint(tl.load(seed_ptr), row) >= limit, False)
+    inside = (row < rows)[:, None] & (col < row_size)[None, :]
+    index = row[:, None] * row_size + col[None, :]
+    x = tl.load(x_ptr + index, mask=inside)
+    y = tl.where(keep[:, None], x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def _dense_pair(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(input, output) with identical strides covering their storage without gaps.
+
+    ``empty_like`` keeps the strides of a dense input and gives a non-dense one dense
+    strides in the same dimension order; the input is copied into that layout then.
+    """
+    out = torch.empty_like(x)
+    if out.stride() != x.stride():
+        x = torch.empty_like(out).copy_(x)
+    return x, out
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.as_strided((x.numel(),), (1,))
+
+
+def _restride(grad: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """``grad`` laid out with the output's strides: positions in memory index the mask."""
+    if grad.stride() == stride:
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::triton_dropout", mutates_args=())
+def _dropout_op(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
+    x, out = _dense_pair(x)
+    n = x.numel()
+    if n:
+        grid = (triton.cdiv(n, BLOCK),)
+        _dropout_kernel[grid](_flat(x), _flat(out), seed, p, n, INVERTED=inverted, BLOCK=BLOCK)
+    return out
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::triton_channel_dropout", mutates_args=())
+def _channel_dropout_op(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows = x.shape[0] * x.shape[1]
+    if rows and x.numel():
+        row_size = x.numel() // rows
+        cols = min(triton.next_power_of_2(row_size), CHANNEL_TILE)
+        tile_rows = CHANNEL_TILE // cols
+        grid = (triton.cdiv(rows, tile_rows), triton.cdiv(row_size, cols))
+        _channel_kernel[grid](x, out, seed, p, rows, row_size, INVERTED=inverted, ROWS=tile_rows, COLS=cols)
+    return out
+
+
+@torch.library.custom_op(f"{_OP_NAMESPACE}::triton_gaussian_dropout", mutates_args=())
+def _gaussian_op(x: Tensor, seed: Tensor, sigma: Tensor) -> Tensor:
+    x, out = _dense_pair(x)
+    n = x.numel()
+    if n:
+        _gaussian_kernel[(triton.cdiv(n, BLOCK),)](_flat(x), _flat(out), seed, sigma, n, BLOCK=BLOCK)
+    return out
+
+
+@_dropout_op.register_fake
+def _(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+@_channel_dropout_op.register_fake
+def _(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_gaussian_op.register_fake
+def _(x: Tensor, seed: Tensor, sigma: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _save_seed(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    # The seed and the rate, nothing per element; the output's strides say how the
+    # incoming gradient must be laid out to meet the same mask.
+    ctx.save_for_backward(*inputs[1:3])
+    ctx.stride = output.stride()
+    ctx.flags = inputs[3:]
+
+
+def _dropout_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    seed, p = ctx.saved_tensors
+    grad = _restride(grad, ctx.stride)
+    return _dropout_op(grad, seed, p, *ctx.flags), None, None, None
+
+
+def _channel_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    seed, p = ctx.saved_tensors
+    return _channel_dropout_op(grad, seed, p, *ctx.flags), None, None, None
+
+
+def _gaussian_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    seed, sigma = ctx.saved_tensors
+    return _gaussian_op(_restride(grad, ctx.stride), seed, sigma), None, None
+
+
+_dropout_op.register_autograd(_dropout_backward, setup_context=_save_seed)
+_channel_dropout_op.register_autograd(_channel_backward, setup_context=_save_seed)
+_gaussian_op.register_autograd(_gaussian_backward, setup_context=_save_seed)
+
+
+def dropout(x: Tensor, p: float | Tensor, inverted: bool = True, seed: Tensor | None = None) -> Tensor:
+    """Element dropout: keep each element w.p. ``1 - p``, kept ones scaled by ``1 / (1 - p)``.
+
+    Args:
+        x: fp32, bf16 or fp16 input of any shape and layout (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
+        p: drop probability in [0, 1], a float or a 0-d tensor (a tensor that changes
+            value never makes torch.compile recompile).
+        inverted: scale kept elements by ``1 / (1 - p)`` (True) or leave them (False).
+        seed: a 0-d int64 tensor on ``x``'s device; drawn from torch's generator if None.
+            The same seed gives the same mask.
+
+    Example:
+        >>> y = dropout(torch.ones(2, 8), p=0.5)
+        >>> bool(((y == 0) | (y == 2)).all())
+        True
+    """
+    seed = draw_seed(x.device) if seed is None else seed
+    return _dropout_op(x, seed, as_rate(p, x.device), inverted)
+
+
+def channel_dropout(
+    x: Tensor, p: float | Tensor, inverted: bool = True, seed: Tensor | None = None
+) -> Tensor:
+    """Channel dropout of a batched (N, C, *spatial) input: one draw per (n, c).
+
+    Args:
+        x: fp32, bf16 or fp16 input with at least two dimensions.
+        p: drop probability, as in :func:`dropout`.
+        inverted: scale kept channels by ``1 / (1 - p)``.
+        seed: as in :func:`dropout`.
+
+    Example:
+        >>> y = channel_dropout(torch.ones(2, 3, 4), p=0.5)
+        >>> bool((y == y[:, :, :1]).all())
+        True
+    """
+    seed = draw_seed(x.device) if seed is None else seed
+    return _channel_dropout_op(x, seed, as_rate(p, x.device), inverted)
+
+
+def gaussian_dropout(x: Tensor, sigma: float | Tensor, seed: Tensor | None = None) -> Tensor:
+    """Multiply ``x`` by independent N(1, sigma^2) noise (Philox and Box-Muller).
+
+    Args:
+        x: fp32, bf16 or fp16 input of any shape and layout.
+        sigma: standard deviation of the noise, a float or a 0-d tensor.
+        seed: as in :func:`dropout`.
+
+    Example:
+        >>> gaussian_dropout(torch.ones(3), sigma=0.0).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    seed = draw_seed(x.device) if seed is None else seed
+    return _gaussian_op(x, seed, as_rate(sigma, x.device))
