@@ -19,24 +19,24 @@ from torch import Tensor
 
 from lightning_dropout.kernels import reference
 
-__all__ = ["channel_dropout", "dropout", "gaussian_dropout"]
+__all__ = ["channel_dropout", "dropout", "fast_drop_connect_linear", "gaussian_dropout"]
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests running the kernels in Triton's interpreter add "cpu".
 TRITON_DEVICES = ("cuda",)
 
 
-def _import_triton_kernels() -> ModuleType | None:
+def _import_triton_kernels() -> tuple[ModuleType | None, ModuleType | None]:
     if not torch.cuda.is_available():
-        return None
+        return None, None
     try:
-        from lightning_dropout.kernels import triton_dropout
+        from lightning_dropout.kernels import triton_dropconnect, triton_dropout
     except ImportError:  # Triton is an optional dependency
-        return None
-    return triton_dropout
+        return None, None
+    return triton_dropout, triton_dropconnect
 
 
-triton_kernels = _import_triton_kernels()
+triton_kernels, triton_drop_connect = _import_triton_kernels()
 
 
 def _on_triton(x: Tensor, p: float, scale: float, inplace: bool) -> bool:
@@ -70,3 +70,22 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
         return triton_kernels.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
+
+
+def fast_drop_connect_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, p: float, groups: int
+) -> Tensor | None:
+    """``F.linear`` with one DropConnect mask per group of the batch on a fast path, or None.
+
+    None means no fast path exists for these tensors: the caller computes it itself. The
+    Triton path regenerates each mask inside the products instead of storing it.
+    """
+    if (
+        triton_drop_connect is None
+        or x.device.type not in TRITON_DEVICES
+        or x.dtype not in TRITON_DTYPES
+        or weight.dtype != x.dtype
+        or x.dim() < 2
+    ):
+        return None
+    return triton_drop_connect.drop_connect_linear(x, weight, bias, p, groups)
