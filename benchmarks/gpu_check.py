@@ -503,6 +503,13 @@ def main() -> None:
             RESULTS[title] = fn()
         except Exception:  # record and go on: one failure must not lose the other sections
             RESULTS[title] = traceback.format_exc(limit=4)
+        if title == "correctness" and isinstance(RESULTS[title], list):
+            rows = RESULTS[title]
+            RESULTS["correctness summary"] = {
+                "cases": len(rows),
+                "all forward exact (DropConnect: within tolerance)": all(r["forward_exact"] for r in rows),
+                "all backward exact (DropConnect: within tolerance)": all(r["backward_exact"] for r in rows),
+            }
         print(f"{title}: {time.perf_counter() - start:.1f} s", flush=True)
         write(args.out)
     print((args.out / "gpu.md").read_text())

@@ -78,7 +78,22 @@ def fast_drop_connect_linear(
     """``F.linear`` with one DropConnect mask per group of the batch on a fast path, or None.
 
     None means no fast path exists for these tensors: the caller computes it itself. The
-    Triton path regenerates each mask inside the products instead of storing it.
+    Triton path (CUDA, fp32 / bf16 / fp16) regenerates each mask inside the forward and
+    both backward products instead of storing it.
+
+    Args:
+        x: input (B, ..., in_features).
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        p: drop probability in (0, 1).
+        groups: number of equal groups of the batch with independent masks (B: per sample).
+
+    Raises:
+        ValueError: on the fast path, a batch size that is not a multiple of ``groups``.
+
+    Example:
+        >>> fast_drop_connect_linear(torch.ones(2, 3), torch.ones(4, 3), None, 0.5, 2) is None  # CPU
+        True
     """
     if (
         triton_drop_connect is None

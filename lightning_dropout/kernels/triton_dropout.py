@@ -9,13 +9,13 @@ Philox call per four elements, each 32-bit draw compared with an integer thresho
 backward regenerates the mask from the saved seed, so nothing per element is kept between
 forward and backward, and data moves twice per pass: the floor of a memory-bound op.
 
-Layout: element ``j`` of the block of program ``b`` (``BLOCK`` elements, four quarters of
-``QUARTER``) uses Philox counter ``b * QUARTER + j % QUARTER`` and lane ``j // QUARTER``,
-so every load and store is a contiguous quarter block. Positions are positions in memory:
-an input that is dense (contiguous, channels-last, any permutation) is processed in its
-storage order and the output keeps its strides; any other input is first copied into the
-dense layout ``torch.empty_like`` gives it. Channel dropout draws lane 0 of counter
-``row`` for row ``n * C + c``.
+Layout: element ``i`` in memory order uses lane ``i % 4`` of Philox counter ``i // 4``, so
+the mask does not depend on the block size and each thread's contiguous elements come from
+its own Philox calls (128-bit loads and stores, no shuffle through shared memory). Positions
+are positions in memory: an input that is dense (contiguous, channels-last, any
+permutation) is processed in its storage order and the output keeps its strides; any other
+input is first copied into the dense layout ``torch.empty_like`` gives it. Channel dropout
+draws lane 0 of counter ``row`` for row ``n * C + c``.
 
 Each function is a ``torch.library.custom_op`` with ``register_autograd``: torch.compile
 keeps it in the graph. ``p`` reaches the kernel as a 0-d float64 tensor, turned into the
@@ -83,7 +83,19 @@ def _keep_rule(p_ptr, INVERTED: tl.constexpr):
 
 
 @triton.jit
-def _scaled_where(x_ptr, y_ptr, index, n, keep, scale):
+def _interleave(r0, r1, r2, r3, BLOCK: tl.constexpr):
+    # Element 4 * j + k takes lane k of counter j: each thread's contiguous elements come
+    # from its own Philox calls, so the draws already sit in the load's register layout.
+    return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK,))
+
+
+@triton.jit
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, p_ptr, n, INVERTED: tl.constexpr, BLOCK: tl.constexpr):
+    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    program = tl.program_id(0).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), program * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+    keep = tl.where(any_kept, _interleave(r0, r1, r2, r3, BLOCK) >= limit, False)
+    index = program * BLOCK + tl.arange(0, BLOCK)
     inside = index < n
     x = tl.load(x_ptr + index, mask=inside)
     y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
@@ -91,40 +103,16 @@ def _scaled_where(x_ptr, y_ptr, index, n, keep, scale):
 
 
 @triton.jit
-def _dropout_kernel(x_ptr, y_ptr, seed_ptr, p_ptr, n, INVERTED: tl.constexpr, BLOCK: tl.constexpr):
-    QUARTER: tl.constexpr = BLOCK // 4
-    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
-    program = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, QUARTER)
-    r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), program * QUARTER + lanes)
-    start = program * BLOCK + lanes
-    _scaled_where(x_ptr, y_ptr, start, n, tl.where(any_kept, r0 >= limit, False), scale)
-    _scaled_where(x_ptr, y_ptr, start + QUARTER, n, tl.where(any_kept, r1 >= limit, False), scale)
-    _scaled_where(x_ptr, y_ptr, start + 2 * QUARTER, n, tl.where(any_kept, r2 >= limit, False), scale)
-    _scaled_where(x_ptr, y_ptr, start + 3 * QUARTER, n, tl.where(any_kept, r3 >= limit, False), scale)
-
-
-@triton.jit
-def _noise_product(x_ptr, y_ptr, index, n, normal, sigma):
-    inside = index < n
-    x = tl.load(x_ptr + index, mask=inside)
-    # The factor is formed first, so the output for x = 1 is exactly the factor.
-    factor = 1.0 + sigma * normal
-    tl.store(y_ptr + index, (x.to(tl.float32) * factor).to(y_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
 def _gaussian_kernel(x_ptr, y_ptr, seed_ptr, sigma_ptr, n, BLOCK: tl.constexpr):
-    QUARTER: tl.constexpr = BLOCK // 4
     sigma = tl.load(sigma_ptr).to(tl.float32)
     program = tl.program_id(0).to(tl.int64)
-    lanes = tl.arange(0, QUARTER)
-    n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), program * QUARTER + lanes)
-    start = program * BLOCK + lanes
-    _noise_product(x_ptr, y_ptr, start, n, n0, sigma)
-    _noise_product(x_ptr, y_ptr, start + QUARTER, n, n1, sigma)
-    _noise_product(x_ptr, y_ptr, start + 2 * QUARTER, n, n2, sigma)
-    _noise_product(x_ptr, y_ptr, start + 3 * QUARTER, n, n3, sigma)
+    n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), program * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
+    # The factor is formed first, so the output for x = 1 is exactly the factor.
+    factor = 1.0 + sigma * _interleave(n0, n1, n2, n3, BLOCK)
+    index = program * BLOCK + tl.arange(0, BLOCK)
+    inside = index < n
+    x = tl.load(x_ptr + index, mask=inside)
+    tl.store(y_ptr + index, (x.to(tl.float32) * factor).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit

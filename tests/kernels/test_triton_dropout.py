@@ -98,14 +98,20 @@ def test_dropout_drop_fraction_within_five_sigma(p: float) -> None:
     assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
-def test_dropout_quarters_of_a_block_are_uncorrelated() -> None:
-    # The four lanes of one Philox call land a quarter block apart: their masks must be
-    # independent, not copies of each other (correlation within 5 sigma of 0).
-    kept = (td.dropout(torch.ones(td.BLOCK * 8), 0.5) != 0).double().reshape(8, 4, -1)
-    lanes = kept.permute(1, 0, 2).reshape(4, -1)
-    corr = torch.corrcoef(lanes)
+def test_the_four_lanes_of_a_philox_call_are_uncorrelated() -> None:
+    # Elements 4j..4j+3 share one Philox call: their masks must be independent, not
+    # copies of each other (correlations within 5 sigma of 0).
+    kept = (td.dropout(torch.ones(2**14), 0.5) != 0).double().reshape(-1, 4)
+    corr = torch.corrcoef(kept.t())
     off_diagonal = corr[~torch.eye(4, dtype=torch.bool)]
-    assert off_diagonal.abs().max().item() < 5 / math.sqrt(lanes.shape[1])
+    assert off_diagonal.abs().max().item() < 5 / math.sqrt(kept.shape[0])
+
+
+def test_mask_does_not_depend_on_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.ones(5000)
+    default = td.dropout(x, 0.5, seed=seed_of(6))
+    monkeypatch.setattr(td, "BLOCK", 1024)
+    assert torch.equal(td.dropout(x, 0.5, seed=seed_of(6)), default)
 
 
 def test_seeds_come_from_torchs_generator() -> None:
