@@ -125,12 +125,15 @@ def correctness() -> list[dict[str, Any]]:
                     rows.append({**check_elementwise(name, op, x, 17), "layout": layout})
         channel_shapes = [(3, 5, 7), (2, 3, 5, 9), (2, 3, 3, 4, 5), (1, 7, 4099)]
         for shape in channel_shapes if not SMOKE else channel_shapes[:2]:
-            x = torch.randn(shape, device=dev).to(dtype)
-            op = lambda t, s: td.channel_dropout(t, 0.5, seed=s)  # noqa: E731
-            row = check_elementwise(f"channel{len(shape) - 2}d p=0.5", op, x, 23)
-            factor = op(torch.ones(shape, device=dev), seed_tensor(23)).flatten(2)
-            row["per_channel_constant"] = bool((factor == factor[:, :, :1]).all())
-            rows.append({**row, "layout": "contiguous"})
+            for layout in ("contiguous", "channels-last"):
+                x = torch.randn(shape, device=dev).to(dtype)
+                if layout == "channels-last":
+                    x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+                op = lambda t, s: td.channel_dropout(t, 0.5, seed=s)  # noqa: E731
+                row = check_elementwise(f"channel{len(shape) - 2}d p=0.5", op, x, 23)
+                factor = op(torch.ones(shape, device=dev), seed_tensor(23)).flatten(2)
+                row["per_channel_constant"] = bool((factor == factor[:, :, :1]).all())
+                rows.append({**row, "layout": layout})
     rows.extend(drop_connect_correctness())
     return rows
 
@@ -308,10 +311,12 @@ def time_dtype(dtype_name: str, dtype: torch.dtype, numel: int, reps: int, inner
     x = torch.randn(numel, device=device(), dtype=dtype, requires_grad=True)
     x4 = x.detach().view(256, 256, 64, -1) if not SMOKE else x.detach().view(4, 4, 16, -1)
     x4.requires_grad_(True)
+    x4_last = x4.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     rows_t = 2**14 if not SMOKE else 64
     xt = torch.randn(rows_t, numel // rows_t, device=device(), dtype=dtype).t().requires_grad_(True)
     grad = torch.randn_like(x)
     grad4 = grad.view(x4.shape)
+    grad4_last = grad4.to(memory_format=torch.channels_last)
     gradt = torch.randn_like(xt)
     out = torch.empty_like(x)
     source = x.detach()
@@ -325,6 +330,12 @@ def time_dtype(dtype_name: str, dtype: torch.dtype, numel: int, reps: int, inner
         "ours dropout transposed fwd+bwd": forward_backward(lambda t: td.dropout(t, 0.5), xt, gradt),
         "torch dropout2d fwd+bwd": forward_backward(lambda t: F.dropout2d(t, 0.5), x4, grad4),
         "ours channel2d fwd+bwd": forward_backward(lambda t: td.channel_dropout(t, 0.5), x4, grad4),
+        "torch dropout2d channels-last fwd+bwd": forward_backward(
+            lambda t: F.dropout2d(t, 0.5), x4_last, grad4_last
+        ),
+        "ours channel2d channels-last fwd+bwd": forward_backward(
+            lambda t: td.channel_dropout(t, 0.5), x4_last, grad4_last
+        ),
         "torch gaussian fwd+bwd": forward_backward(
             lambda t: t * torch.randn_like(t).mul_(sigma).add_(1.0), x, grad
         ),
@@ -337,6 +348,7 @@ def time_dtype(dtype_name: str, dtype: torch.dtype, numel: int, reps: int, inner
         ("dropout fwd+bwd", "torch dropout fwd+bwd", 2),
         ("dropout transposed fwd+bwd", "torch dropout transposed fwd+bwd", 2),
         ("channel2d fwd+bwd", "torch dropout2d fwd+bwd", 2),
+        ("channel2d channels-last fwd+bwd", "torch dropout2d channels-last fwd+bwd", 2),
         ("gaussian fwd+bwd", "torch gaussian fwd+bwd", 2),
     ]
     return {

@@ -93,6 +93,21 @@ def main() -> None:
                 {"INVERTED": True, "ROWS": 4, "COLS": 1024},
                 4096,
             ),
+            (
+                "channels-last (16 x 256 tile)",
+                td._channel_last_kernel,
+                {
+                    **data,
+                    "p_ptr": "*fp64",
+                    "channels": "i32",
+                    "pixels": "i32",
+                    "INVERTED": "constexpr",
+                    "PIXELS": "constexpr",
+                    "CHANNELS": "constexpr",
+                },
+                {"INVERTED": True, "PIXELS": 16, "CHANNELS": 256},
+                4096,
+            ),
         ]
         for name, fn, signature, constants, elements in element:
             stats = compile_kernel(fn, signature, constants)

@@ -15,7 +15,8 @@ its own Philox calls (128-bit loads and stores, no shuffle through shared memory
 are positions in memory: an input that is dense (contiguous, channels-last, any
 permutation) is processed in its storage order and the output keeps its strides; any other
 input is first copied into the dense layout ``torch.empty_like`` gives it. Channel dropout
-draws lane 0 of counter ``row`` for row ``n * C + c``.
+draws lane 0 of counter ``n * C + c`` for channel ``c`` of sample ``n``, whether the input
+is contiguous or channels-last (kept as it is); other layouts are made contiguous.
 
 Each function is a ``torch.library.custom_op`` with ``register_autograd``: torch.compile
 keeps it in the graph. ``p`` reaches the kernel as a 0-d float64 tensor, turned into the
@@ -127,15 +128,48 @@ def _channel_kernel(
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):
+    # x is (N * C, spatial) in memory. One Philox call per row of the tile, not per
+    # element: the mask of row n * C + c is lane 0 of counter n * C + c.
     limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    col = tl.program_id(1).to(tl.int64) * COLS + tl.arange(0, COLS)
-    # One Philox call per row of the tile, not per element: lane 0 of counter `row`.
+    program = tl.program_id(0).to(tl.int64)
+    col_blocks = tl.cdiv(row_size, COLS)
+    row = (program // col_blocks) * ROWS + tl.arange(0, ROWS)
+    col = (program % col_blocks) * COLS + tl.arange(0, COLS)
     keep = tl.where(any_kept, tl.randint(tl.load(seed_ptr), row) >= limit, False)
     inside = (row < rows)[:, None] & (col < row_size)[None, :]
     index = row[:, None] * row_size + col[None, :]
     x = tl.load(x_ptr + index, mask=inside)
     y = tl.where(keep[:, None], x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _channel_last_kernel(
+    x_ptr,
+    y_ptr,
+    seed_ptr,
+    p_ptr,
+    channels,
+    pixels,
+    INVERTED: tl.constexpr,
+    PIXELS: tl.constexpr,
+    CHANNELS: tl.constexpr,
+):
+    # x is (N, spatial, C) in memory (channels-last); the same mask as _channel_kernel.
+    # A tile stays within one sample, so it needs one Philox call per channel.
+    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    program = tl.program_id(0).to(tl.int64)
+    channel_blocks = tl.cdiv(channels, CHANNELS)
+    pixel_blocks = tl.cdiv(pixels, PIXELS)
+    channel = (program % channel_blocks) * CHANNELS + tl.arange(0, CHANNELS)
+    sample = program // channel_blocks // pixel_blocks
+    pixel = (program // channel_blocks % pixel_blocks) * PIXELS + tl.arange(0, PIXELS)
+    draw = tl.randint(tl.load(seed_ptr), sample * channels + channel)
+    keep = tl.where(any_kept, draw >= limit, False)
+    inside = (pixel < pixels)[:, None] & (channel < channels)[None, :]
+    index = (sample * pixels + pixel)[:, None] * channels + channel[None, :]
+    x = tl.load(x_ptr + index, mask=inside)
+    y = tl.where(keep[None, :], x.to(tl.float32) * scale, 0.0)
     tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -172,17 +206,33 @@ def _dropout_op(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
     return out
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` (N, C, *spatial) is laid out as (N, *spatial, C) and not contiguous."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 @torch.library.custom_op(f"{_OP_NAMESPACE}::triton_channel_dropout", mutates_args=())
 def _channel_dropout_op(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
-    x = x.contiguous()
+    samples, channels = x.shape[:2]
+    if not _is_channels_last(x):
+        x = x.contiguous()
     out = torch.empty_like(x)
-    rows = x.shape[0] * x.shape[1]
-    if rows and x.numel():
-        row_size = x.numel() // rows
-        cols = min(triton.next_power_of_2(row_size), CHANNEL_TILE)
-        tile_rows = CHANNEL_TILE // cols
-        grid = (triton.cdiv(rows, tile_rows), triton.cdiv(row_size, cols))
-        _channel_kernel[grid](x, out, seed, p, rows, row_size, INVERTED=inverted, ROWS=tile_rows, COLS=cols)
+    if not x.numel():
+        return out
+    pixels = x.numel() // (samples * channels)
+    if _is_channels_last(x):
+        tile_channels = min(triton.next_power_of_2(channels), CHANNEL_TILE)
+        tile_pixels = CHANNEL_TILE // tile_channels
+        blocks = samples * triton.cdiv(pixels, tile_pixels) * triton.cdiv(channels, tile_channels)
+        _channel_last_kernel[(blocks,)](
+            x, out, seed, p, channels, pixels, INVERTED=inverted, PIXELS=tile_pixels, CHANNELS=tile_channels
+        )
+        return out
+    rows = samples * channels
+    cols = min(triton.next_power_of_2(pixels), CHANNEL_TILE)
+    tile_rows = CHANNEL_TILE // cols
+    blocks = triton.cdiv(rows, tile_rows) * triton.cdiv(pixels, cols)
+    _channel_kernel[(blocks,)](x, out, seed, p, rows, pixels, INVERTED=inverted, ROWS=tile_rows, COLS=cols)
     return out
 
 
@@ -202,6 +252,8 @@ def _(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
 
 @_channel_dropout_op.register_fake
 def _(x: Tensor, seed: Tensor, p: Tensor, inverted: bool) -> Tensor:
+    if _is_channels_last(x):
+        return torch.empty_like(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -153,12 +153,30 @@ def test_channel_dropout_equals_reference(shape: tuple[int, ...]) -> None:
     assert torch.equal(x.grad, expected_dropout(grad, factor))
 
 
-def test_channel_dropout_channels_last_and_fraction() -> None:
-    x = torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(16, 48, 3, 3).to(memory_format=torch.channels_last),
+        lambda: torch.randn(4, 5, 2, 3, 2).to(memory_format=torch.channels_last_3d),
+        lambda: torch.randn(3, 7, 6).transpose(1, 2),  # (N, C, L) stored as (N, L, C)
+    ],
+    ids=["2d", "3d", "1d"],
+)
+def test_channel_dropout_keeps_channels_last_with_the_same_mask(make: object) -> None:
+    x = make().requires_grad_(True)  # type: ignore[operator]
     y = td.channel_dropout(x, 0.25, seed=seed_of(4))
-    factor = td.channel_dropout(torch.ones(x.shape), 0.25, seed=seed_of(4))
-    assert torch.equal(y, expected_dropout(x, factor))
-    dropped = (factor[:, :, 0, 0] == 0).double().mean().item()
+    assert y.stride() == x.stride()
+    factor = td.channel_dropout(torch.ones(x.shape), 0.25, seed=seed_of(4))  # contiguous path
+    assert torch.equal(y, expected_dropout(x.detach(), factor))
+    grad = torch.randn(x.shape)  # contiguous, unlike y
+    y.backward(grad)
+    assert x.grad is not None
+    assert torch.equal(x.grad, expected_dropout(grad, factor))
+
+
+def test_channel_dropout_drop_fraction_within_five_sigma() -> None:
+    factor = td.channel_dropout(torch.ones(64, 32, 2), 0.25)
+    dropped = (factor[:, :, 0] == 0).double().mean().item()
     assert abs(dropped - 0.25) < 5 * math.sqrt(0.25 * 0.75 / (64 * 32))
 
 
@@ -185,20 +203,20 @@ def test_gaussian_noise_moments_within_five_sigma() -> None:
 @pytest.mark.parametrize(
     ("op", "args"),
     [
-        (td._dropout_op, (torch.randn(3, 5), seed_of(1), torch.tensor(0.3, dtype=torch.float64), True)),
+        (td._dropout_op, (torch.randn(3, 5), seed_of(1), RATE, True)),
+        (td._channel_dropout_op, (torch.randn(2, 3, 4), seed_of(1), RATE, True)),
         (
             td._channel_dropout_op,
-            (torch.randn(2, 3, 4), seed_of(1), torch.tensor(0.3, dtype=torch.float64), True),
+            (torch.randn(2, 3, 2, 2).to(memory_format=torch.channels_last), seed_of(1), RATE, True),
         ),
-        (td._gaussian_op, (torch.randn(3, 5), seed_of(1), torch.tensor(0.3, dtype=torch.float64))),
+        (td._gaussian_op, (torch.randn(3, 5).t(), seed_of(1), RATE)),
     ],
-    ids=["dropout", "channel", "gaussian"],
+    ids=["dropout", "channel", "channels-last", "gaussian"],
 )
 def test_custom_op_registration_is_consistent(op: object, args: tuple[object, ...]) -> None:
     args[0].requires_grad_(True)  # type: ignore[union-attr]
-    torch.library.opcheck(
-        op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
-    )
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(op, args, test_utils=checks)
 
 
 def test_compile_keeps_one_graph_when_p_changes() -> None:
