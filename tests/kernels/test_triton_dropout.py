@@ -237,6 +237,21 @@ def test_compile_keeps_one_graph_when_p_changes() -> None:
     assert frames[1:] == frames[:1] * 2
 
 
+def test_compile_with_a_float_p_recompiles_at_most_once() -> None:
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(x: torch.Tensor, p: float) -> torch.Tensor:
+        return td.dropout(x, p)
+
+    x = torch.randn(4, 3)
+    for p in (0.1, 0.2, 0.3, 0.4):
+        step(x, p)
+    assert counter.frame_count <= 2
+
+
 def test_dispatch_routes_layers_to_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "triton_kernels", td)
     monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
