@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lightning_dropout._validation import check_probability
@@ -41,6 +42,11 @@ class DropProbability:
 class DropoutBase(DropProbability, nn.Module):
     """Base of this package's activation-dropping layers.
 
+    ``p`` is mirrored in ``p_tensor``, a 0-d float32 buffer that follows the module across
+    devices but stays out of the ``state_dict``. Under torch.compile the layers read the
+    tensor (see :mod:`lightning_dropout.layers.traceable`), so a ``p`` that changes between
+    steps is a graph input instead of a constant that forces a recompile.
+
     Args:
         p: drop probability in [0, 1].
 
@@ -49,9 +55,22 @@ class DropoutBase(DropProbability, nn.Module):
         ValueError: ``p`` is NaN or outside [0, 1].
     """
 
+    p_tensor: Tensor
+
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
+        self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
         self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = check_probability("p", value)
+        with torch.no_grad():
+            self.p_tensor.fill_(self._p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dropout as ld
@@ -322,3 +323,100 @@ def test_fractions_need_a_known_run_length(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="run's length"):
         trainer.fit(Net())
+
+
+class CompiledNet(pl.LightningModule):
+    """A network compiled by dynamo with a compile-counting aot_eager backend."""
+
+    def __init__(self, dropouts: list[nn.Module], backend: CompileCounterWithBackend) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(2, 4, 1), *dropouts, nn.Flatten(), nn.Linear(12, 1))
+        self.net = torch.compile(self.body, backend=backend)
+        self.rates: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.rates.append(get_rate(self.body[1]))
+        return self.net(batch[0]).pow(2).mean()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 2, 3)), batch_size=4)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def compiles_over_a_ramp(tmp_path: Path, dropouts: list[nn.Module], steps: int) -> tuple[int, list[float]]:
+    """Frames dynamo compiled while a scheduler changed p at every one of ``steps`` steps."""
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")  # counts dynamo compiles, no inductor cost
+    model = CompiledNet(dropouts, backend)
+    schedule = Linear(0.0, 0.5, steps=steps)
+    make_trainer(tmp_path, [DropoutScheduler(schedule)], max_steps=steps).fit(model)
+    assert model.rates == [schedule(t) for t in range(steps)]
+    assert len(set(model.rates)) == steps  # a new p at every step
+    return backend.frame_count, model.rates
+
+
+def test_compiled_layers_do_not_recompile_when_p_changes(tmp_path: Path) -> None:
+    ours = [ld.Dropout1d(0.0), ld.Dropout(0.0), ld.GaussianDropout(0.0)]
+    frames, _ = compiles_over_a_ramp(tmp_path, ours, steps=200)
+    assert frames == 1
+
+
+def test_torch_dropout_recompiles_per_value_under_compile() -> None:
+    """The contrast that motivates holding p in a tensor: torch specialises on a float p."""
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    layer = nn.Dropout(0.0)
+    compiled = torch.compile(layer, backend=backend)
+    for step in range(5):
+        layer.p = step / 10
+        compiled(torch.ones(3))
+    assert backend.frame_count >= 5  # at least one compile per value
+
+
+def test_compiled_layers_follow_the_new_p_without_recompiling() -> None:
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    layer, channel, gaussian = ld.Dropout(0.0), ld.Dropout2d(0.0), ld.GaussianDropout(0.0)
+    compiled = [torch.compile(m, backend=backend) for m in (layer, channel, gaussian)]
+    x = torch.ones(40, 50, 5, 5)
+    n_elements, n_channels = x.numel(), 40 * 50
+    for p in (0.0, 0.25, 0.75, 1.0):
+        for m in (layer, channel, gaussian):
+            m.p = p
+        element, channels, noisy = (c(x) for c in compiled)
+        # 5 sigmas of the binomial fraction of dropped elements / channels
+        assert abs((element == 0).double().mean().item() - p) <= 5 * (p * (1 - p) / n_elements) ** 0.5
+        assert (
+            abs((channels[:, :, 0, 0] == 0).double().mean().item() - p)
+            <= 5 * (p * (1 - p) / n_channels) ** 0.5
+        )
+        assert torch.equal(channels == 0, (channels[:, :, :1, :1] == 0).expand_as(channels))
+        if p < 1:
+            scale = torch.tensor(1 / (1 - p), dtype=x.dtype).item()
+            assert set(element.unique().tolist()) <= {0.0, scale}
+            # N(1, p / (1 - p)): the sample variance within 5 sigmas (sd of s^2 is ~ var * sqrt(2 / n))
+            variance = p / (1 - p)
+            assert abs(noisy.var().item() - variance) <= 5 * variance * (2 / n_elements) ** 0.5 + 1e-12
+        else:
+            assert not element.any() and not channels.any() and not noisy.any()
+    assert backend.frame_count == 3  # one graph per layer, reused for every p
+
+
+def test_p_tensor_mirrors_p_and_stays_out_of_the_state_dict() -> None:
+    layer = ld.Dropout(0.3)
+    layer.p = 0.7
+    assert layer.p_tensor.item() == pytest.approx(0.7) and layer.p == 0.7
+    assert list(layer.state_dict()) == [] and [n for n, _ in layer.named_buffers()] == ["p_tensor"]
+    with pytest.raises(ValueError, match="p must be in"):
+        layer.p = 1.5
+    assert layer.p_tensor.item() == pytest.approx(0.7)
+
+
+def test_compiled_p_one_gives_finite_zero_gradients() -> None:
+    layer = ld.Dropout(1.0)
+    x = torch.full((4, 3), float("inf"), requires_grad=True)
+    out = torch.compile(layer, backend="aot_eager")(x)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(4, 3)) and torch.equal(x.grad, torch.zeros(4, 3))
