@@ -105,10 +105,6 @@ class DropoutScheduler(Callback):
         interval = "" if self.interval == "step" else f", interval={self.interval!r}"
         return f"{type(self).__name__}({schedule!r}{targets}{interval})"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._groups = self.find_groups(pl_module)
-
     def find_groups(self, module: nn.Module) -> dict[str, list[nn.Module]]:
         """The layers of ``module`` each group drives, by group name.
 
@@ -154,6 +150,8 @@ class DropoutScheduler(Callback):
         return any(matches_target(name, module, target) for target in self.targets)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here rather than in setup: layers built in configure_model exist only from now on.
+        self._groups = self.find_groups(pl_module)
         if any(s.is_fractional() for s in self.schedules.values()) and self._total is None:
             self._total = self._run_length(trainer)
         if self._restored_schedules is not None and self._restored_schedules != self._schedule_reprs():

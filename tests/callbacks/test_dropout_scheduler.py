@@ -140,6 +140,20 @@ def test_p_inside_training_step_is_the_schedule_at_the_global_step(tmp_path: Pat
     assert {rates["encoder.1"] for _, _, rates in model.seen} >= {0.0, 0.4, 0.1}
 
 
+class LateBuiltNet(Net):
+    def configure_model(self) -> None:
+        self.late = ld.Dropout(0.5)
+
+    def rates(self) -> dict[str, float]:
+        return {**super().rates(), "late": self.late.p}
+
+
+def test_layers_built_in_configure_model_are_driven(tmp_path: Path) -> None:
+    model = LateBuiltNet()
+    make_trainer(tmp_path, [DropoutScheduler(Linear(0.1, 0.3, steps=2))], max_steps=3).fit(model)
+    assert [rates["late"] for _, _, rates in model.seen] == pytest.approx([0.1, 0.2, 0.3])
+
+
 def test_gradient_accumulation_indexes_by_optimizer_step(tmp_path: Path) -> None:
     model = Net()
     schedule = Step([0.1, 0.2, 0.3], milestones=[1, 2])
