@@ -69,8 +69,14 @@ class DropoutBase(DropProbability, nn.Module):
     @p.setter
     def p(self, value: float) -> None:
         self._p = check_probability("p", value)
-        with torch.no_grad():
-            self.p_tensor.fill_(self._p)
+        buffer = self.p_tensor
+        if buffer.is_inference() and not torch.is_inference_mode_enabled():
+            # A layer built under inference_mode holds an inference tensor, which cannot be
+            # updated in place outside it.
+            self.p_tensor = torch.full((), self._p, dtype=buffer.dtype, device=buffer.device)
+        else:
+            with torch.no_grad():
+                buffer.fill_(self._p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
