@@ -97,7 +97,7 @@ class DropoutScheduler(Callback):
         self._groups: dict[str, list[nn.Module]] = {}
         self._resolved: dict[str, Schedule] = {}
         self._total: int | None = None
-        self._restored_schedules: dict[str, str] | None = None
+        self._restored: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         schedule = self.schedules[SINGLE_GROUP] if self._single else self.schedules
@@ -154,10 +154,11 @@ class DropoutScheduler(Callback):
         self._groups = self.find_groups(pl_module)
         if any(s.is_fractional() for s in self.schedules.values()) and self._total is None:
             self._total = self._run_length(trainer)
-        if self._restored_schedules is not None and self._restored_schedules != self._schedule_reprs():
+        current = {"interval": self.interval, "schedules": self._schedule_reprs()}
+        if self._restored is not None and self._restored != current:
             rank_zero_warn(
-                f"DropoutScheduler resumed with schedules {self._schedule_reprs()} but the checkpoint "
-                f"was written with {self._restored_schedules}; the new schedules apply from here."
+                f"DropoutScheduler resumed with {current} but the checkpoint was written with "
+                f"{self._restored}; the new configuration applies from here."
             )
         total = self._total
         self._resolved = {
@@ -198,6 +199,11 @@ class DropoutScheduler(Callback):
 
         Raises:
             ValueError: a schedule returned a value outside [0, 1).
+
+        Example:
+            >>> from lightning_dropout.schedules import Linear
+            >>> DropoutScheduler({"encoder": Linear(0.0, 0.2, steps=10)}).rates(5)
+            {'encoder': 0.1}
         """
         schedules = self._resolved or self.schedules
         return {
@@ -208,14 +214,14 @@ class DropoutScheduler(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._groups, self._resolved = {}, {}
-            self._total = self._restored_schedules = None
+            self._total = self._restored = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"interval": self.interval, "total": self._total, "schedules": self._schedule_reprs()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._total = state_dict.get("total")
-        self._restored_schedules = state_dict.get("schedules")
+        self._restored = {"interval": state_dict.get("interval"), "schedules": state_dict.get("schedules")}
 
     def _schedule_reprs(self) -> dict[str, str]:
         return {group: repr(s) for group, s in self.schedules.items()}
@@ -251,6 +257,11 @@ def check_schedules(schedule: Any) -> dict[str, Schedule]:
     Raises:
         TypeError: not a Schedule or a mapping from strings to Schedules.
         ValueError: an empty mapping or an empty pattern.
+
+    Example:
+        >>> from lightning_dropout.schedules import Constant
+        >>> check_schedules(Constant(0.1))
+        {'all': Constant(p=0.1)}
     """
     if isinstance(schedule, Schedule):
         return {SINGLE_GROUP: schedule}
@@ -275,6 +286,10 @@ def check_targets(targets: Any) -> list[Target] | None:
     Raises:
         TypeError: an entry that is neither a string nor an nn.Module subclass.
         ValueError: an empty list or an empty string.
+
+    Example:
+        >>> check_targets("encoder.*"), check_targets([torch.nn.Dropout])
+        (['encoder.*'], [<class 'torch.nn.modules.dropout.Dropout'>])
     """
     if targets is None:
         return None

@@ -71,8 +71,9 @@ class Net(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.seen.append((-1, -1, self.rates()))
 
-    def predict_step(self, batch: Any, batch_idx: int) -> None:
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.seen.append((-2, -2, self.rates()))
+        return batch[0]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.randn(2 * BATCHES_PER_EPOCH, 4)), batch_size=2)
@@ -290,6 +291,19 @@ def test_old_checkpoint_state_without_keys_loads() -> None:
     scheduler = DropoutScheduler(Constant(0.1))
     scheduler.load_state_dict({})
     assert scheduler.state_dict()["total"] is None
+
+
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable")
+def test_resuming_with_a_changed_schedule_warns(tmp_path: Path) -> None:
+    ckpt = tmp_path / "end.ckpt"
+    trainer = make_trainer(tmp_path, [DropoutScheduler(Linear(0.0, 0.2, steps=0.5))], max_steps=2)
+    trainer.fit(Net())
+    trainer.save_checkpoint(ckpt)
+    model = Net()
+    resumed = make_trainer(tmp_path, [DropoutScheduler(Constant(0.3))], max_steps=4)
+    with pytest.warns(UserWarning, match="new configuration applies"):
+        resumed.fit(model, ckpt_path=ckpt)
+    assert [rates["encoder.1"] for _, _, rates in model.seen] == [0.3, 0.3]
 
 
 @pytest.mark.parametrize(
