@@ -75,8 +75,7 @@ class DropoutBase(DropProbability, nn.Module):
             # updated in place outside it.
             self.p_tensor = torch.full((), self._p, dtype=buffer.dtype, device=buffer.device)
         else:
-            with torch.no_grad():
-                buffer.fill_(self._p)
+            buffer.fill_(self._p)  # a buffer without grad: no autograd bookkeeping needed
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
