@@ -389,25 +389,3 @@ def test_compiled_layers_do_not_recompile_when_p_changes(tmp_path: Path) -> None
     ours = [ld.Dropout1d(0.0), ld.Dropout(0.0), ld.GaussianDropout(0.0)]
     frames, _ = compiles_over_a_ramp(tmp_path, ours, steps=200)
     assert frames == 1
-
-
-class RankRecordingNet(Net):
-    """Writes what it saw to a file per rank (ddp_spawn does not send attributes back)."""
-
-    def __init__(self, out: Path) -> None:
-        super().__init__()
-        self.out = out
-
-    def on_train_end(self) -> None:
-        seen = [(step, rates["encoder.1"], rates["head.0"]) for step, _, rates in self.seen]
-        torch.save(seen, self.out / f"rank{self.global_rank}.pt")
-
-
-def test_every_ddp_rank_sees_the_same_schedule(tmp_path: Path) -> None:
-    scheduler = DropoutScheduler({"encoder": Linear(0.0, 0.4, steps=0.5), "head": Cosine(0.3, 0.0, 3)})
-    model = RankRecordingNet(tmp_path)
-    trainer = make_trainer(tmp_path, [scheduler], max_steps=4, devices=2, strategy="ddp_spawn")
-    trainer.fit(model)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    encoder, head = Linear(0.0, 0.4, steps=2), Cosine(0.3, 0.0, 3)
-    assert rank0 == rank1 == [(t, encoder(t), head(t)) for t in range(4)]
