@@ -34,7 +34,7 @@ from lightning_dropout._validation import check_choice, check_positive_int, chec
 from lightning_dropout.layers import DropConnect, DropConnectLayer, is_dropout_layer, set_rate
 
 OUTPUT_KINDS = ("logits", "probs", "regression")
-DEFAULT_MAX_ROWS = 8192
+DEFAULT_MAX_ROWS = 1024
 
 
 @dataclass
@@ -319,7 +319,7 @@ def mc_samples(
         model: the module whose DropConnect layers are given per-replica masks.
         batched: replicate and run several passes at once.
         chunk_size: replicas per batched pass; None chooses so that a pass has at most
-            8192 rows.
+            1024 rows.
 
     Raises:
         TypeError: ``step`` does not return a tensor.
@@ -373,7 +373,7 @@ def mc_predict(
             ``chunk_size`` replicas) rather than one call per pass. Needs a model that maps
             samples along dim 0 independently (no seq-first RNN over dim 0).
         chunk_size: replicas per batched call, to bound memory; None keeps a call at
-            8192 rows or fewer.
+            1024 rows or fewer.
         output: ``"logits"`` (softmax along ``class_dim`` first), ``"probs"`` or
             ``"regression"``.
         class_dim: the class dimension of the output.

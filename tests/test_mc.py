@@ -163,7 +163,7 @@ def test_batched_and_looped_agree_in_distribution() -> None:
         net(torch.randn(32, 6))
     net.eval()
     x = torch.randn(4, 6)
-    n = 400
+    n = 200
     torch.manual_seed(1)
     batched = mc_predict(net, x, n_samples=n, batched=True, chunk_size=100, output="regression")
     torch.manual_seed(2)

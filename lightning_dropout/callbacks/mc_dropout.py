@@ -43,7 +43,7 @@ class MCDropout(L.Callback):
         batched: run the passes on the batch replicated along dim 0 (chunks of
             ``chunk_size`` replicas) rather than one call per pass; every tensor in the batch
             must have the batch along dim 0.
-        chunk_size: replicas per batched call; None keeps a call at 8192 rows or fewer.
+        chunk_size: replicas per batched call; None keeps a call at 1024 rows or fewer.
         output: what a step returns: ``"logits"``, ``"probs"`` or ``"regression"``.
         class_dim: the class dimension of the output.
         return_samples: keep every pass's output in :attr:`MCOutput.samples` (predict).
