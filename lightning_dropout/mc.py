@@ -253,7 +253,9 @@ def replicate(batch: Any, replicas: int) -> Any:
     def one(item: Any) -> Any:
         if isinstance(item, Tensor):
             if item.dim() == 0:
-                raise ValueError("cannot replicate a 0-dimensional tensor along the batch dimension")
+                raise ValueError(
+                    "cannot replicate a 0-dimensional tensor of the batch along dim 0; use batched=False"
+                )
             sizes.add(item.shape[0])
             return item.repeat(replicas, *([1] * (item.dim() - 1)))
         if isinstance(item, Mapping):
@@ -289,7 +291,9 @@ def batch_size(batch: Any) -> int:
             return batch_size(item)
         except ValueError:
             continue
-    raise ValueError(f"no tensor with a batch dimension in the batch of type {type(batch).__name__}")
+    raise ValueError(
+        f"no tensor with a batch dimension in the batch of type {type(batch).__name__}; use batched=False"
+    )
 
 
 def default_chunk(n_samples: int, rows: int, max_rows: int = DEFAULT_MAX_ROWS) -> int:

@@ -248,6 +248,8 @@ def test_replicate_nested_batches_and_refuse_ragged_ones() -> None:
     assert out["y"][0].tolist() == [7, 8, 7, 8, 7, 8] and out["y"][1] == "tag"
     with pytest.raises(ValueError, match="different first dimensions"):
         replicate((torch.zeros(2, 1), torch.zeros(3)), 2)
+    with pytest.raises(ValueError, match="0-dimensional.*batched=False"):
+        replicate((torch.zeros(2, 1), torch.tensor(3)), 2)
 
 
 def test_independent_replica_masks_spare_per_sample_layers_and_restore() -> None:
