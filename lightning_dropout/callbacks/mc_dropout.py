@@ -79,6 +79,7 @@ class MCDropout(L.Callback):
         self.class_dim = class_dim
         self.return_samples = _check_bool("return_samples", return_samples)
         self._restore: dict[str, Callable[[], None]] = {}
+        self._forward_calls = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not dropout_layers(pl_module):
@@ -99,13 +100,22 @@ class MCDropout(L.Callback):
             self._patch(pl_module, "forward", summary=False)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._unpatch("forward")
+        self._unpatch_forward("test_step")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "validate" in self.stages:
             self._patch(pl_module, "forward", summary=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._unpatch_forward("validation_step")
+
+    def _unpatch_forward(self, step_name: str) -> None:
+        if "forward" in self._restore and self._forward_calls == 0:
+            # A step that calls submodules directly (self.net(x)) bypasses the MC forward.
+            rank_zero_warn(
+                f"MCDropout: {step_name} never called the module's forward (self(x)), so its "
+                "metrics are not Monte-Carlo estimates"
+            )
         self._unpatch("forward")
 
     def on_exception(
@@ -122,6 +132,7 @@ class MCDropout(L.Callback):
         self, pl_module: L.LightningModule, step: Callable[..., Any], summary: bool
     ) -> Callable[..., Any]:
         def mc_step(*args: Any, **kwargs: Any) -> MCOutput | Tensor:
+            self._forward_calls += 1
             if args:
                 batch, rest = args[0], args[1:]
             elif "batch" in kwargs:
@@ -152,6 +163,7 @@ class MCDropout(L.Callback):
             else:
                 vars(pl_module).pop(name, None)
 
+        self._forward_calls = 0
         setattr(pl_module, name, self._mc_step(pl_module, getattr(pl_module, name), summary))
         self._restore[name] = restore
 

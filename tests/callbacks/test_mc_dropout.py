@@ -265,3 +265,14 @@ def test_ddp_spawn_predict_returns_mc_outputs_on_every_rank(tmp_path: Path) -> N
         assert record["types"] == ["MCOutput", "MCOutput"]
         assert all(v > 0 for v in record["variances"])
         assert record["buffers_unchanged"] and record["patched"] == []
+
+
+def test_a_test_step_that_bypasses_forward_gets_a_warning(tmp_path: Path) -> None:
+    class Bypass(Plain):
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("test_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+    with pytest.warns(UserWarning, match="test_step never called the module's forward"):
+        trainer(tmp_path, [MCDropout(n_samples=2, stages="test")]).test(
+            Bypass().eval(), loader(), verbose=False
+        )
