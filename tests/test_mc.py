@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -261,3 +263,9 @@ def test_independent_replica_masks_spare_per_sample_layers_and_restore() -> None
         assert (per_sample.mask_groups, shared.mask_groups) == (1, 5)
         raise RuntimeError
     assert (per_sample.mask_groups, shared.mask_groups) == (1, 2)
+
+
+def test_mc_module_does_not_import_lightning() -> None:
+    code = "import sys, lightning_dropout.mc; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
