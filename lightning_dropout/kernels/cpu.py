@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,18 +106,18 @@ def _keep_lanes(words: Tensor, digit: int, out: Tensor, scratch: Tensor) -> None
         out.bitwise_or_(torch.bitwise_right_shift(out, shift, out=scratch))
 
 
-def _resolve_ties(positions: Tensor, digits: bytes, generator: torch.Generator | None) -> Tensor:
+def _resolve_ties(positions: np.ndarray, digits: bytes, generator: torch.Generator | None) -> np.ndarray:
     """Of the elements tied on the first digit, the positions of those kept (``U >= p``)."""
     kept = []
     for digit in digits[1:]:
-        if positions.numel() == 0:
+        if positions.size == 0:
             break
-        draws = _random_words(-(-positions.numel() // _LANES), generator)
-        lanes = draws.view(torch.uint8)[: positions.numel()]
+        draws = _random_words(-(-positions.size // _LANES), generator).numpy()
+        lanes = draws.view(np.uint8)[: positions.size]
         kept.append(positions[lanes > digit])
         positions = positions[lanes == digit]
     kept.append(positions)  # still tied when p's expansion ends: U >= p
-    return torch.cat(kept)
+    return np.concatenate(kept)
 
 
 def keep_bytes(numel: int, p: float, generator: torch.Generator | None = None) -> Tensor:
@@ -138,21 +139,26 @@ def keep_bytes(numel: int, p: float, generator: torch.Generator | None = None) -
     lanes = torch.empty(count, dtype=torch.int64)
     tie_flags = torch.empty(min(count, _SERIAL), dtype=torch.int64)
     scratch = torch.empty_like(tie_flags)
+    # p = d / 256 exactly: a tie means U >= p, kept; so keep iff u1 >= d, no ties to find.
+    on_grid = len(digits) == 1
     tied_words = []
     for start in range(0, count, _SERIAL):
         piece = words[start : start + _SERIAL]
         size = piece.numel()
+        if on_grid:
+            _keep_lanes(piece, digits[0] - 1, lanes[start : start + size], scratch[:size])
+            continue
         _tie_flags(piece, digits[0], tie_flags[:size], scratch[:size])
-        tied_words.append(torch.nonzero(tie_flags[:size]).flatten().add_(start))
+        tied_words.append(np.flatnonzero(tie_flags[:size].numpy()) + start)
         _keep_lanes(piece, digits[0], lanes[start : start + size], scratch[:size])
     keep = lanes.view(torch.int8)[:numel]
-    ties = torch.cat(tied_words)
-    if ties.numel():
-        flags = words[ties].view(torch.uint8).view(-1, _LANES) == digits[0]
-        offsets = torch.nonzero(flags)
-        positions = ties[offsets[:, 0]] * _LANES + offsets[:, 1]
-        positions = positions[positions < numel]
-        keep[_resolve_ties(positions, digits, generator)] = -1
+    if tied_words:
+        # Few elements (about 1 in 256): numpy, whose small ops never wait for a thread.
+        ties = np.concatenate(tied_words)
+        flags = words.numpy()[ties].view(np.uint8).reshape(-1, _LANES) == digits[0]
+        rows, lanes_of_rows = np.nonzero(flags)
+        positions = ties[rows] * _LANES + lanes_of_rows
+        keep.numpy()[_resolve_ties(positions[positions < numel], digits, generator)] = -1
     return keep
 
 
