@@ -59,6 +59,9 @@ _MIN_INT64 = -(2**63)
 # works in pieces below that: on a busy host every parallel region waits until all its
 # threads are scheduled, which made a many-op pipeline 10x slower than its idle time.
 _SERIAL = 32767
+# Mask entries covering at least this many elements (channels) are applied whole rows at
+# a time.
+_WHOLE_ROWS = 64
 
 
 @functools.lru_cache(maxsize=256)
@@ -194,6 +197,13 @@ def apply_keep_bytes(
     if per_entry is None or not (x.is_contiguous() and out.is_contiguous()):
         torch.mul(x, scale, out=out)
         out.view(integer).bitwise_and_(keep.to(integer))
+        return out
+    if per_entry >= _WHOLE_ROWS:
+        # Channel masks: one broadcast multiply, then the dropped rows (where an inf or
+        # NaN input left a NaN) are overwritten with exact zeros.
+        torch.mul(x, (keep != 0).to(x.dtype).mul_(scale), out=out)
+        dropped = torch.nonzero(keep.reshape(-1) == 0).flatten()
+        out.view(keep.numel(), per_entry).index_fill_(0, dropped, 0.0)
         return out
     # Piece by piece, each op below torch's parallel grain size (see _SERIAL), widening
     # the byte mask into one small reused buffer: no full-size integer mask and no

@@ -75,8 +75,7 @@ def drop_connect(weight: Tensor, p: float = 0.5, training: bool = True) -> Tenso
         return weight
     if p == 1.0:
         return zeros_like_connected(weight)
-    mask = torch.empty_like(weight).bernoulli_(1.0 - p).div_(1.0 - p)
-    return weight * mask
+    return kernels.dropout(weight, p, 1.0 / (1.0 - p))
 
 
 def resolve_activation(activation: str | nn.Module | None) -> Callable[[Tensor], Tensor]:

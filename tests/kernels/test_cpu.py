@@ -150,3 +150,26 @@ def test_slides_example_on_a_fast_path_tensor() -> None:
     k = (y != 0).sum(1, keepdim=True).float()
     expected = torch.where(y != 0, 4 / k.sqrt(), torch.zeros(()))
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_dropped_channels_are_exact_zeros_even_over_infinities_and_nans() -> None:
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    with torch.no_grad():
+        x[:, :, 3] = math.inf
+        x[:, :, 5] = math.nan
+    y = cpu.channel_dropout(x, 0.5, 2.0)
+    dropped = y[:, :, 0] == 0
+    assert 0 < int(dropped.sum()) < dropped.numel()
+    assert bool((y[dropped] == 0).all()) and not bool(y[dropped].signbit().any())
+    assert bool(y[~dropped][:, 5].isnan().all())
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None
+    assert bool((x.grad[dropped] == 0).all()) and bool((x.grad[~dropped] == 2.0).all())
+
+
+def test_drop_connect_uses_the_exact_mask_on_cpu() -> None:
+    from lightning_dropout.layers import drop_connect
+
+    w = drop_connect(torch.ones(512, 512), p=0.3)
+    assert set(w.unique().tolist()) == {0.0, torch.tensor(1 / 0.7).item()}
+    assert_binomial(int((w == 0).sum()), w.numel(), 0.3)
