@@ -291,12 +291,16 @@ class _GroupMaskedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (keep,) = ctx.saved_tensors
-        # One group at a time: a contiguous copy of ``grad`` (often a transposed view
-        # from the matmul) would cost as much memory as all the chunk's masked weights.
-        total = apply_keep_bytes(grad[0], keep[0], ctx.scale, out=grad.new_empty(keep.shape[1:]))
+        # One group at a time: a contiguous copy of all of ``grad`` (often a transposed
+        # view from the matmul) would cost as much memory as the chunk's masked weights.
+        total = torch.zeros(keep.shape[1:], dtype=grad.dtype)
         buffer = torch.empty_like(total)
-        for group in range(1, keep.shape[0]):
-            total += apply_keep_bytes(grad[group], keep[group], ctx.scale, out=buffer)
+        flat_total, flat_buffer = total.view(-1), buffer.view(-1)
+        for group in range(keep.shape[0]):
+            buffer.copy_(grad[group])
+            apply_keep_bytes(buffer, keep[group], ctx.scale, inplace=True)
+            for start in range(0, flat_total.numel(), _SERIAL):
+                flat_total[start : start + _SERIAL].add_(flat_buffer[start : start + _SERIAL])
         return total, None, None
 
 
