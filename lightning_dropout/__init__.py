@@ -4,6 +4,7 @@ Layers (pure PyTorch), schedules, Monte-Carlo inference, torchmetrics metrics an
 Lightning callbacks; see the README for the tour.
 """
 
+from lightning_dropout import schedules
 from lightning_dropout.layers import (
     DropConnect,
     DropConnectConv1d,
@@ -16,6 +17,8 @@ from lightning_dropout.layers import (
     Dropout3d,
     GaussianDropout,
 )
+from lightning_dropout.mc import MCOutput
+from lightning_dropout.mixin import DropoutMixin
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,9 @@ __all__ = [
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
+    "DropoutMixin",
     "GaussianDropout",
+    "MCOutput",
     "__version__",
+    "schedules",
 ]
