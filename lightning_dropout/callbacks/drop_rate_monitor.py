@@ -26,6 +26,17 @@ def _first_tensor(args: Any) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
+def realised_rate(module: nn.Module, measured: float) -> float:
+    """The drop rate a measurement shows: the drop fraction itself, or for Gaussian dropout
+    the ``p`` whose noise variance ``p / (1 - p)`` equals the measured variance.
+
+    Example:
+        >>> realised_rate(GaussianDropout(), 1.0), realised_rate(torch.nn.Dropout(), 0.5)
+        (0.5, 0.5)
+    """
+    return measured / (1.0 + measured) if isinstance(module, GaussianDropout) else measured
+
+
 class DropRateMonitor(StepMonitor):
     """Log every dropout layer's probability and the drop rate it actually realised.
 
@@ -104,8 +115,7 @@ class DropRateMonitor(StepMonitor):
             metric = self._rates[name]
             value = float(metric.compute())  # a DDP reduction: every rank runs it
             metric.reset()
-            if isinstance(self.layers[name], GaussianDropout):
-                value = value / (1.0 + value)  # variance p / (1 - p) back to p
+            value = realised_rate(self.layers[name], value)
             if value == value:  # all inputs zero: nothing realised to report
                 scalars[f"dropout/{_dashboard.tag_prefix(name)}/realised"] = value
         _dashboard.log_scalars(trainer, scalars, step)

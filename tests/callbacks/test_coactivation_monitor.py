@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_dropout import Dropout
+from lightning_dropout.callbacks import CoActivationMonitor
+from lightning_dropout.callbacks.coactivation_monitor import correlation_image
+
+
+def test_measures_a_fixed_subset_of_the_dropout_layers_input() -> None:
+    monitor = CoActivationMonitor(max_units=5)
+    layer = Dropout(0.5)
+    x = torch.randn(50, 20, dtype=torch.float64)
+    for _ in range(2):  # the subset stays the same from step to step
+        handles = monitor._hooks("drop", layer)
+        layer(x)
+        for handle in handles:
+            handle.remove()
+    subset = monitor._subsets["drop"]
+    assert len(subset) == 5
+    out = monitor._metrics["drop"].compute()
+    expected = np.corrcoef(x[:, subset].numpy(), rowvar=False)  # the input, not the dropped output
+    np.testing.assert_allclose(out["corr"].numpy(), expected, atol=1e-9)
+
+
+def test_correlation_image_colours() -> None:
+    image = correlation_image(torch.tensor([[1.0, -1.0], [-1.0, 0.0]]))
+    assert image.shape == (3, 256, 256)
+    assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]  # +1: red
+    assert image[:, 0, 255].tolist() == [0.0, 0.0, 1.0]  # -1: blue
+    assert image[:, 255, 255].tolist() == [1.0, 1.0, 1.0]  # 0: white
+
+
+def test_arguments_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_units"):
+        CoActivationMonitor(max_units=0)
+    with pytest.raises(TypeError, match="log_images"):
+        CoActivationMonitor(log_images="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="every_n_steps"):
+        CoActivationMonitor(every_n_steps=2.5)  # type: ignore[arg-type]
