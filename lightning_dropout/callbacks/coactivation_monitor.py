@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import zlib
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -19,18 +21,39 @@ from lightning_dropout.metrics import CoActivation
 HEATMAP_SIZE = 256
 
 
-def correlation_image(corr: Tensor) -> Tensor:
-    """A CHW RGB heatmap of a correlation matrix: red positive, blue negative, white 0,
-    upscaled (nearest) to about 256 pixels so small matrices stay sharp.
+def _diverging_palette(levels: int) -> list[int]:
+    values = torch.linspace(-1, 1, levels)
+    rgb = torch.stack([1 - (-values).clamp_min(0), 1 - values.abs(), 1 - values.clamp_min(0)], dim=1)
+    return rgb.mul(255).round().to(torch.uint8).flatten().tolist()
+
+
+PALETTE_LEVELS = 65  # odd: 0 has its own colour, white
+PALETTE = _diverging_palette(PALETTE_LEVELS)
+
+
+def correlation_png(corr: Tensor) -> tuple[bytes, int]:
+    """A PNG heatmap of a correlation matrix and its side in pixels: red +1, white 0,
+    blue -1, upscaled (nearest) to about 256 pixels so small matrices stay sharp.
+
+    A 65-colour palette image with fast compression: a third of the bytes of RGB and a
+    fraction of ``add_image``'s encoding time.
 
     Example:
-        >>> correlation_image(torch.eye(2)).shape
-        torch.Size([3, 256, 256])
+        >>> png, side = correlation_png(torch.eye(2))
+        >>> png[1:4], side
+        (b'PNG', 256)
     """
-    c = corr.detach().float().cpu().clamp(-1, 1)
-    rgb = torch.stack([1 - (-c).clamp_min(0), 1 - c.abs(), 1 - c.clamp_min(0)])
-    factor = max(1, HEATMAP_SIZE // c.shape[0])
-    return rgb.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    levels = (corr.detach().float().cpu().clamp(-1, 1) + 1) * ((PALETTE_LEVELS - 1) / 2)
+    index = levels.round().to(torch.uint8)
+    factor = max(1, HEATMAP_SIZE // index.shape[0])
+    if factor > 1:
+        index = index.repeat_interleave(factor, dim=0).repeat_interleave(factor, dim=1)
+    side = index.shape[0]
+    image = Image.frombytes("P", (side, side), index.numpy().tobytes())
+    image.putpalette(PALETTE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), side
 
 
 def _subset_generator(name: str) -> torch.Generator:
@@ -144,5 +167,6 @@ class CoActivationMonitor(StepMonitor):
                 scalars[f"{prefix}/{key}"] = float(stats[key])
             _dashboard.log_histogram(trainer, f"{prefix}/mean_activation", stats["mean_activation"], step)
             if self.log_images:
-                _dashboard.log_image(trainer, f"{prefix}/corr", correlation_image(stats["corr"]), step)
+                png, side = correlation_png(stats["corr"])
+                _dashboard.log_png(trainer, f"{prefix}/corr", png, side, side, step)
         _dashboard.log_scalars(trainer, scalars, step)

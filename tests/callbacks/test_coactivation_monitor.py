@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lightning_dropout import Dropout
 from lightning_dropout.callbacks import CoActivationMonitor
-from lightning_dropout.callbacks.coactivation_monitor import correlation_image
+from lightning_dropout.callbacks.coactivation_monitor import correlation_png
 
 
 def test_measures_a_fixed_subset_of_the_dropout_layers_input() -> None:
@@ -25,12 +28,13 @@ def test_measures_a_fixed_subset_of_the_dropout_layers_input() -> None:
     np.testing.assert_allclose(out["corr"].numpy(), expected, atol=1e-9)
 
 
-def test_correlation_image_colours() -> None:
-    image = correlation_image(torch.tensor([[1.0, -1.0], [-1.0, 0.0]]))
-    assert image.shape == (3, 256, 256)
-    assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]  # +1: red
-    assert image[:, 0, 255].tolist() == [0.0, 0.0, 1.0]  # -1: blue
-    assert image[:, 255, 255].tolist() == [1.0, 1.0, 1.0]  # 0: white
+def test_correlation_heatmap_colours() -> None:
+    png, side = correlation_png(torch.tensor([[1.0, -1.0], [-1.0, 0.0]]))
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    assert side == 256 and image.size == (256, 256)
+    assert image.getpixel((0, 0)) == (255, 0, 0)  # +1: red
+    assert image.getpixel((255, 0)) == (0, 0, 255)  # -1: blue
+    assert image.getpixel((255, 255)) == (255, 255, 255)  # 0: white
 
 
 def test_arguments_are_validated() -> None:
