@@ -122,7 +122,7 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
 def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> None:
     if trainer.is_global_zero:
         for logger in tensorboard_loggers(trainer):
-            logger.experiment.add_histogram(tag, values.detach().float().cpu(), global_step=step)
+            logger.experiment.add_histogram(tag, values.detach().float().cpu(), global_step=step, bins="auto")
 
 
 def log_png(trainer: pl.Trainer, tag: str, png: bytes, height: int, width: int, step: int) -> None:

@@ -45,7 +45,7 @@ def zero_counts(acts: Tensor) -> Tensor:
     return acts.eq(0).flatten(2).sum(dim=(0, 2)) if acts.dim() > 2 else acts.eq(0).sum(dim=0)
 
 
-def covariance_from_moments(count: Tensor, total: Tensor, outer: Tensor) -> Tensor:
+def covariance_from_moments(count: Tensor | float, total: Tensor, outer: Tensor) -> Tensor:
     """The covariance with 1/N normalisation from ``N``, ``sum x`` and ``sum x x^T``.
 
     Example:
@@ -53,9 +53,9 @@ def covariance_from_moments(count: Tensor, total: Tensor, outer: Tensor) -> Tens
         >>> covariance_from_moments(torch.tensor(2.0), x.sum(0), x.T @ x).item()
         1.0
     """
-    mean = total / count
-    cov = outer / count - torch.outer(mean, mean)
-    return (cov + cov.T) / 2
+    n = float(count)
+    mean = total / n
+    return torch.addr(outer, mean, mean, beta=1.0 / n, alpha=-1.0)
 
 
 def correlation_from_covariance(cov: Tensor) -> Tensor:
