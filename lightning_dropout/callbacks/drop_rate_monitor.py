@@ -40,7 +40,7 @@ def realised_rate(module: nn.Module, measured: float) -> float:
 class DropRateMonitor(StepMonitor):
     """Log every dropout layer's probability and the drop rate it actually realised.
 
-    On each measured step (every ``trainer.log_every_n_steps`` optimizer steps), for every
+    On each measured step (every ``every_n_steps`` optimizer steps), for every
     dropout layer in training mode (this package's and torch's), logs ``dropout/<layer>/p``
     and ``dropout/<layer>/realised``: the fraction of its nonzero inputs that came out as
     zeros. For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p``
@@ -48,14 +48,23 @@ class DropRateMonitor(StepMonitor):
     DropConnect hide their drops from the activations, so only ``p`` is logged for them.
     Hooks exist only during measured steps. Rates are reduced over DDP ranks.
 
+    Args:
+        every_n_steps: measure every this many optimizer steps; None uses the trainer's
+            ``log_every_n_steps``.
+
+    Raises:
+        TypeError: ``every_n_steps`` is not an int or None.
+        ValueError: ``every_n_steps`` < 1.
+
     Example:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[DropRateMonitor()], logger=False)
     """
 
-    def __init__(self) -> None:
-        super().__init__(every_n_steps=None)
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        super().__init__(every_n_steps)
         self._rates: dict[str, DropRate] = {}
+        self._p_used: dict[str, float] = {}  # the p of the measured forward, not a later one
 
     def _select_layers(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
         return {name: module for name, module in pl_module.named_modules() if is_dropout_layer(module)}
@@ -93,6 +102,7 @@ class DropRateMonitor(StepMonitor):
                 return
             x = seen.pop("x")
             zeros_in = seen.pop("zeros")
+            self._p_used[name] = get_rate(mod)
             with torch.no_grad():
                 nonzero = x.numel() - zeros_in
                 if gaussian:
@@ -110,7 +120,7 @@ class DropRateMonitor(StepMonitor):
         scalars: dict[str, float] = {}
         for name, module in self.layers.items():
             prefix = f"dropout/{_dashboard.tag_prefix(name)}"
-            scalars[f"{prefix}/p"] = get_rate(module)
+            scalars[f"{prefix}/p"] = self._p_used.get(name, get_rate(module))
         for name in sorted(self._rates):
             metric = self._rates[name]
             value = float(metric.compute())  # a DDP reduction: every rank runs it
@@ -118,4 +128,5 @@ class DropRateMonitor(StepMonitor):
             value = realised_rate(self.layers[name], value)
             if value == value:  # all inputs zero: nothing realised to report
                 scalars[f"dropout/{_dashboard.tag_prefix(name)}/realised"] = value
+        self._p_used.clear()
         _dashboard.log_scalars(trainer, scalars, step)

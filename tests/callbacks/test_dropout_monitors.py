@@ -198,3 +198,19 @@ def test_no_warning_in_a_plain_tensorboard_run(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         fit(tmp_path, all_monitors())
     assert not [w for w in record if "monitor" in str(w.message).lower()]
+
+
+class RaiseP(pl.Callback):
+    """Changes p at batch end, before the monitor reports (as a scheduler may)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        pl_module.head[3].p = 0.9
+
+
+def test_logged_p_is_the_p_the_measured_forward_used(tmp_path: Path) -> None:
+    trainer, _ = fit(tmp_path, [RaiseP(), DropRateMonitor()], max_steps=1, log_every_n_steps=1)
+    acc = events(trainer.logger.log_dir)
+    assert acc.Scalars("dropout/head.3/p")[0].value == pytest.approx(0.5)
+    realised = acc.Scalars("dropout/head.3/realised")[0].value
+    # 32 x 40 ReLU outputs, at least 200 of them nonzero: binomial sd <= sqrt(0.25 / 200)
+    assert abs(realised - 0.5) <= SIGMAS * math.sqrt(0.25 / 200)
