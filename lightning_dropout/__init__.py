@@ -4,6 +4,7 @@ Layers (pure PyTorch), schedules, Monte-Carlo inference, torchmetrics metrics an
 Lightning callbacks; see the README for the tour.
 """
 
+from lightning_dropout import schedules
 from lightning_dropout.layers import (
     DropConnect,
     DropConnectConv1d,
@@ -31,4 +32,5 @@ __all__ = [
     "Dropout3d",
     "GaussianDropout",
     "__version__",
+    "schedules",
 ]

@@ -1,7 +1,8 @@
-"""Lightning callbacks, one per file."""
+"""Lightning callbacks, one per file: scheduling, Monte-Carlo dropout and monitors."""
 
 from lightning_dropout.callbacks.channel_drop_monitor import ChannelDropMonitor
 from lightning_dropout.callbacks.coactivation_monitor import CoActivationMonitor
 from lightning_dropout.callbacks.drop_rate_monitor import DropRateMonitor
+from lightning_dropout.callbacks.dropout_scheduler import DropoutScheduler
 
-__all__ = ["ChannelDropMonitor", "CoActivationMonitor", "DropRateMonitor"]
+__all__ = ["ChannelDropMonitor", "CoActivationMonitor", "DropRateMonitor", "DropoutScheduler"]

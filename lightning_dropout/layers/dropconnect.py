@@ -178,12 +178,22 @@ class DropConnectLayer(DropProbability):
     ) -> None:
         self.p = p
         self.per_sample = check_bool("per_sample", per_sample)
-        self.inference = check_choice("inference", inference, INFERENCE_MODES)
-        self._activation = resolve_activation(activation)
+        self.inference = inference
+        resolve_activation(activation)  # refuse a bad one now, not at the first forward
+        # A plain attribute: a module activation (PReLU, say) registers as a submodule.
         self.activation = activation
         self.n_samples = check_positive_int("n_samples", n_samples)
         self.max_mask_bytes = check_positive_int("max_mask_bytes", max_mask_bytes)
         self.mask_groups = 1
+
+    @property
+    def inference(self) -> str:
+        """``"mean"`` or ``"gaussian"``: how evaluation forwards treat the weights."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, value: str) -> None:
+        self._inference = check_choice("inference", value, INFERENCE_MODES)
 
     def _product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -194,13 +204,17 @@ class DropConnectLayer(DropProbability):
     def _unbatched_dims(self) -> int:
         raise NotImplementedError
 
+    @property
+    def _activation(self) -> Callable[[Tensor], Tensor]:
+        return resolve_activation(self.activation)
+
     def _forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             if self.training or self.inference == "mean" or self.p == 0.0:
                 return self._activation(self._product(x, self.weight, self.bias))
             return self._gaussian_inference(x)
         if self.p == 1.0:
-            return self._activation(self._product(x, zeros_like_connected(self.weight), self.bias))
+            return self._all_dropped(x)
         groups = self.mask_groups
         if self.per_sample:
             unbatched = x.dim() == self._unbatched_dims()
@@ -217,9 +231,15 @@ class DropConnectLayer(DropProbability):
             return self._activation(out)
         return self._activation(self._product(x, drop_connect(self.weight, self.p), self.bias))
 
+    def _all_dropped(self, x: Tensor) -> Tensor:
+        # Every weight dropped: the output is the bias alone, exactly, with zero gradients,
+        # even where x is infinite (0 * inf would be NaN inside the product).
+        zeros = zeros_like_connected(x), zeros_like_connected(self.weight)
+        return self._activation(self._product(*zeros, self.bias))
+
     def _gaussian_inference(self, x: Tensor) -> Tensor:
         if self.p == 1.0:
-            return self._activation(self._product(x, zeros_like_connected(self.weight), self.bias))
+            return self._all_dropped(x)
         mean = self._product(x, self.weight, self.bias)
         variance = self._product(x * x, self.weight * self.weight, None) * (self.p / (1.0 - self.p))
         std = variance.clamp_min(0.0).sqrt()
@@ -230,7 +250,7 @@ class DropConnectLayer(DropProbability):
 
     def _drop_connect_repr(self) -> str:
         extra = f", p={self.p}, per_sample={self.per_sample}, inference={self.inference!r}"
-        if self.activation is not None:
+        if isinstance(self.activation, str):  # a module activation shows as a child
             extra += f", activation={self.activation!r}"
         if self.inference == "gaussian":
             extra += f", n_samples={self.n_samples}"
