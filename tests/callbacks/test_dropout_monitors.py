@@ -17,8 +17,13 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dropout import Dropout, Dropout2d
-from lightning_dropout.callbacks import ChannelDropMonitor, CoActivationMonitor, DropRateMonitor
+from lightning_dropout import Dropout, Dropout2d, schedules
+from lightning_dropout.callbacks import (
+    ChannelDropMonitor,
+    CoActivationMonitor,
+    DropoutScheduler,
+    DropRateMonitor,
+)
 
 SIGMAS = 4.0
 
@@ -214,3 +219,21 @@ def test_logged_p_is_the_p_the_measured_forward_used(tmp_path: Path) -> None:
     realised = acc.Scalars("dropout/head.3/realised")[0].value
     # 32 x 40 ReLU outputs, at least 200 of them nonzero: binomial sd <= sqrt(0.25 / 200)
     assert abs(realised - 0.5) <= SIGMAS * math.sqrt(0.25 / 200)
+
+
+def test_the_layout_charts_the_schedulers_p_beside_the_realised_rate(tmp_path: Path) -> None:
+    scheduler = DropoutScheduler({"head.*": schedules.Linear(0.1, 0.5, 4)})
+    trainer, _ = fit(tmp_path, [scheduler, DropRateMonitor()], max_steps=4, log_every_n_steps=1)
+    acc = events(trainer.logger.log_dir)
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    scheduler_tags = [tag for tag in acc.Tags()["scalars"] if tag.startswith("dropout/head.*")]
+    assert scheduler_tags == ["dropout/head.*/p"]
+    together = charts["p and realised, all layers"]
+    for tag in ("dropout/head.*/p", "dropout/head.3/realised", "dropout/head.3/p"):
+        assert any(re.match(regex, tag) for regex in together), tag
+    # the monitor's p is the scheduled p the measured forward used
+    scheduled = {e.step: e.value for e in acc.Scalars("dropout/head.*/p")}
+    monitored = {e.step: e.value for e in acc.Scalars("dropout/head.3/p")}
+    assert scheduled and all(monitored[step] == pytest.approx(p) for step, p in scheduled.items())
