@@ -47,7 +47,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
     "--hide-scrollbars",
-    "--window-size=1400,1500",
+    "--window-size=1400,1900",
     "--virtual-time-budget=15000",
 ]
 
@@ -151,7 +151,7 @@ def screenshot(url: str, out: Path, chromium: str) -> None:
 
 def train_demo(logdir: Path, max_epochs: int = 8) -> Path:
     """A small CNN on 8x8 digits with element and channel dropout, all three monitors on,
-    and p ramped during training so the realised rate visibly tracks it."""
+    and p ramped from 0.1 to 0.5 by DropoutScheduler so the realised rates visibly track it."""
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -159,9 +159,13 @@ def train_demo(logdir: Path, max_epochs: int = 8) -> Path:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_dropout import Dropout, Dropout2d
-    from lightning_dropout.callbacks import ChannelDropMonitor, CoActivationMonitor, DropRateMonitor
-    from lightning_dropout.layers import is_dropout_layer, set_rate
+    from lightning_dropout import Dropout, Dropout2d, schedules
+    from lightning_dropout.callbacks import (
+        ChannelDropMonitor,
+        CoActivationMonitor,
+        DropoutScheduler,
+        DropRateMonitor,
+    )
 
     pl.seed_everything(0, verbose=False)
     digits = load_digits()
@@ -189,13 +193,8 @@ def train_demo(logdir: Path, max_epochs: int = 8) -> Path:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    class RampP(pl.Callback):
-        def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
-            progress = trainer.global_step / max(1, trainer.estimated_stepping_batches)
-            for layer in module.modules():
-                if is_dropout_layer(layer):
-                    set_rate(layer, 0.1 + 0.4 * progress)
-
+    # DropoutScheduler logs dropout/all/p, which the layout charts beside the realised rates.
+    ramp = DropoutScheduler(schedules.Linear(0.1, 0.5, steps=1.0))
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         logger=TensorBoardLogger(logdir, name="digits_cnn", version=0),
@@ -203,7 +202,7 @@ def train_demo(logdir: Path, max_epochs: int = 8) -> Path:
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        callbacks=[RampP(), CoActivationMonitor(max_units=32), ChannelDropMonitor(), DropRateMonitor()],
+        callbacks=[ramp, CoActivationMonitor(max_units=32), ChannelDropMonitor(), DropRateMonitor()],
     )
     trainer.fit(DigitsCNN(), data)
     return logdir

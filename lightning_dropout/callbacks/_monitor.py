@@ -56,6 +56,7 @@ class StepMonitor(pl.Callback):
         self._interval = 1
         self._active = False
         self._last_step = -1
+        self._measuring = False
         self._handles: list[RemovableHandle] = []
         self.layers = {}
 
@@ -110,14 +111,16 @@ class StepMonitor(pl.Callback):
         if not self._active or step % self._interval or step == self._last_step:
             return
         self._last_step = step
+        self._measuring = True
         for name, module in self.layers.items():
             self._handles.extend(self._hooks(name, module))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._handles:
+        if not self._measuring:
             return
+        self._measuring = False
         self._remove_hooks()
         # Every rank reaches this point on the same steps, so compute()'s collectives match.
         self._report(trainer, self._last_step)

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dropout import DropConnectLinear, Dropout, GaussianDropout
 from lightning_dropout.callbacks import DropRateMonitor
@@ -49,3 +54,34 @@ def test_eval_mode_layers_are_not_measured() -> None:
 def test_dropconnect_logs_only_p() -> None:
     monitor = DropRateMonitor()
     assert monitor._hooks("fc", DropConnectLinear(4, 4)) == []
+
+
+class DropConnectNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = DropConnectLinear(4, 2, p=0.25)
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.fc(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_p_is_logged_for_layers_whose_drops_cannot_be_seen(tmp_path: Path) -> None:
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        logger=CSVLogger(tmp_path),
+        callbacks=[DropRateMonitor()],
+    )
+    with pytest.warns(UserWarning, match="skipped for CSVLogger"):
+        trainer.fit(DropConnectNet(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["dropout/fc/p"]) for row in rows if row.get("dropout/fc/p")] == [0.25, 0.25]
+    assert "dropout/fc/realised" not in rows[0]
