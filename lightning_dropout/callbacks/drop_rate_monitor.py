@@ -71,7 +71,7 @@ class DropRateMonitor(StepMonitor):
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
         charts = {
-            f"{_dashboard.tag_prefix(name)}": [_dashboard.layer_regex("dropout", name, "p|realised")]
+            _dashboard.tag_prefix(name): [_dashboard.layer_regex("dropout", name, "p|realised")]
             for name in self.layers
         }
         return _dashboard.RATE_CATEGORY, charts
