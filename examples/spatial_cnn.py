@@ -26,7 +26,7 @@ from lightning_dropout.demo import DigitsCNN, DigitsDataModule
 def main(argv: Sequence[str] | None = None) -> dict[str, tuple[float, float]]:
     args = parse(__doc__, argv, epochs=20)
     pl.seed_everything(args.seed, verbose=False)
-    model = DigitsCNN(channels=(8, 16) if args.fast else (32, 64), p=0.3)
+    model = DigitsCNN(channels=(8, 16) if args.fast else (16, 32), p=0.3)
     logger = TensorBoardLogger(args.out, name="spatial_cnn")
     trainer = pl.Trainer(
         max_epochs=args.epochs,

@@ -179,7 +179,7 @@ class DigitsCNN(DigitsClassifier):
         torch.Size([2, 10])
     """
 
-    def __init__(self, channels: tuple[int, int] = (32, 64), p: float = 0.2, lr: float = 1e-3) -> None:
+    def __init__(self, channels: tuple[int, int] = (16, 32), p: float = 0.2, lr: float = 1e-3) -> None:
         super().__init__(lr)
         self.save_hyperparameters()
         first, second = channels
@@ -324,18 +324,22 @@ def _trainer(config: DemoConfig, name: str, callbacks: list[pl.Callback]) -> pl.
     )
 
 
-def _monitors() -> list[pl.Callback]:
-    return [CoActivationMonitor(max_units=64), ChannelDropMonitor(), DropRateMonitor()]
+def _coactivation() -> CoActivationMonitor:
+    # The hidden units themselves (the ReLU outputs), so the runs with and without
+    # dropout share tags and TensorBoard draws them on the same charts.
+    return CoActivationMonitor(layers=["net.relu1", "net.relu2"], max_units=64)
 
 
 def experiments(config: DemoConfig) -> Iterator[tuple[str, DigitsClassifier, bool, list[pl.Callback]]]:
-    """The demo's runs: (name, model, wants image input, callbacks beyond the monitors)."""
-    yield "mlp_no_dropout", DigitsMLP(width=config.width, p=0.0), False, []
+    """The demo's runs: (name, model, wants image input, callbacks)."""
+    yield "mlp_no_dropout", DigitsMLP(width=config.width, p=0.0), False, [_coactivation()]
     # Dropout switched on gradually: from 0 to 0.5 over the first 30% of training
     # (a curriculum in the spirit of Morerio et al. 2017), then held.
     scheduler = DropoutScheduler(schedules.Linear(0.0, 0.5, steps=0.3))
-    yield "mlp_scheduled_dropout", DigitsMLP(width=config.width, p=0.5), False, [scheduler]
-    yield "cnn_spatial_dropout", DigitsCNN(p=0.2), True, []
+    mlp = DigitsMLP(width=config.width, p=0.5)
+    yield "mlp_scheduled_dropout", mlp, False, [scheduler, _coactivation(), DropRateMonitor()]
+    cnn_monitors: list[pl.Callback] = [_coactivation(), ChannelDropMonitor(), DropRateMonitor()]
+    yield "cnn_spatial_dropout", DigitsCNN(p=0.2), True, cnn_monitors
 
 
 def run_demo(config: DemoConfig) -> list[ModelReport]:
@@ -344,7 +348,7 @@ def run_demo(config: DemoConfig) -> list[ModelReport]:
     for name, model, images, callbacks in experiments(config):
         pl.seed_everything(config.seed, verbose=False)
         data = DigitsDataModule(seed=config.seed, flatten=not images)
-        trainer = _trainer(config, name, [*callbacks, *_monitors()])
+        trainer = _trainer(config, name, callbacks)
         trainer.fit(model, datamodule=data)
         if trainer.is_global_zero:
             reports.append(measure(name, model, data))

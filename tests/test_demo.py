@@ -35,11 +35,12 @@ def test_demo_prints_the_table_and_logs_every_dashboard(tmp_path: Path, capsys: 
         return events.Tags()
 
     mlp = tags("mlp_scheduled_dropout")
-    for tag in ("coactivation/net.drop1/mean_abs_corr", "coactivation/net.drop1/decov",
-                "coactivation/net.drop1/sparsity", "dropout/net.drop1/realised", "dropout/all/p"):
+    for tag in ("coactivation/net.relu1/mean_abs_corr", "coactivation/net.relu1/decov",
+                "coactivation/net.relu2/sparsity", "dropout/net.drop1/realised", "dropout/all/p"):
         assert tag in mlp["scalars"], tag
-    assert "coactivation/net.drop1/corr" in mlp["images"]
-    assert "coactivation/net.drop1/mean_activation" in mlp["histograms"]
+    assert "coactivation/net.relu1/corr" in mlp["images"]
+    assert "coactivation/net.relu1/mean_activation" in mlp["histograms"]
+    assert "coactivation/net.relu2/mean_abs_corr" in tags("mlp_no_dropout")["scalars"]
     cnn = tags("cnn_spatial_dropout")
     assert {"channel_drop/net.drop1/fraction", "channel_drop/net.drop1/expected"} <= set(cnn["scalars"])
     assert "channel_drop/net.drop1/per_channel" in cnn["histograms"]
