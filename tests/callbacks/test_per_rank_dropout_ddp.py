@@ -1,0 +1,160 @@
+"""PerRankDropout under DDP: two CPU processes (gloo).
+
+Starting processes that import torch and Lightning is what costs (10-30 s on a loaded
+2-core machine), so two processes are started once, as torchrun or SLURM would start them
+(rank variables in the environment), and each runs several fits with strategy "ddp" or
+"ddp_find_unused_parameters_true" on the same process group: an uninterrupted run, the
+same seed stopped half way, its resume, and a run with shared masks. "ddp_spawn" differs
+only in who starts the processes; one spawn fit checks the masks there too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dropout import Dropout
+from lightning_dropout.callbacks import PerRankDropout
+
+PROBE = 1024  # elements per probe mask
+EPOCHS = 4
+BATCHES_PER_EPOCH = 2  # per rank: 16 samples, batch 4, two ranks
+
+
+class ProbeModel(pl.LightningModule):
+    """A tiny regression net that records, per step, masks drawn on identical inputs."""
+
+    def __init__(self, out_dir: str, tag: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.tag = tag
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), Dropout(0.5), nn.Dropout(0.5), nn.Linear(32, 1))
+        self.probe_ours = Dropout(0.5)
+        self.probe_torch = nn.Dropout(0.5)
+        self.records: dict[str, list[Any]] = {"ours": [], "torch": [], "loss": [], "step": []}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        ones = torch.ones(PROBE)
+        self.records["ours"].append(self.probe_ours(ones) != 0)
+        self.records["torch"].append(self.probe_torch(ones) != 0)
+        self.records["loss"].append(loss.detach().clone())
+        self.records["step"].append(self.global_step)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(16, 8, generator=generator)
+        y = x.sum(1, keepdim=True)
+        return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+
+    def on_fit_end(self) -> None:
+        weights = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        torch.save(
+            {"records": self.records, "weights": weights},
+            Path(self.out_dir) / f"{self.tag}_rank{self.global_rank}.pt",
+        )
+
+
+def _fit(
+    tmp_path: Path,
+    tag: str,
+    max_epochs: int,
+    strategy: str = "ddp",
+    enabled: bool = True,
+    ckpt_path: str | None = None,
+) -> None:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=max_epochs,
+        callbacks=[PerRankDropout(enabled=enabled), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ProbeModel(str(tmp_path), tag), ckpt_path=ckpt_path)
+
+
+def _load(tmp_path: Path, tag: str) -> list[dict[str, Any]]:
+    return [torch.load(tmp_path / f"{tag}_rank{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    _fit(out / "full", "full", EPOCHS)
+    _fit(out / "half", "half", EPOCHS // 2)
+    _fit(out / "half", "resumed", EPOCHS, ckpt_path=str(out / "half" / "ckpt" / "last.ckpt"))
+    _fit(out / "shared", "shared", 1, strategy="ddp_find_unused_parameters_true", enabled=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    tags = {"full": "full", "half": "half", "resumed": "half", "shared": "shared"}
+    return {tag: _load(tmp_path / folder, tag) for tag, folder in tags.items()}
+
+
+def test_ranks_draw_independent_masks_on_identical_inputs(runs: dict[str, list[dict[str, Any]]]) -> None:
+    rank0, rank1 = (run["records"] for run in runs["full"])
+    assert len(rank0["ours"]) == EPOCHS * BATCHES_PER_EPOCH
+    for layer in ("ours", "torch"):
+        masks0, masks1 = torch.stack(rank0[layer]), torch.stack(rank1[layer])
+        # Independent p = 0.5 masks agree on each element with probability 1/2: the
+        # agreement fraction over n elements has standard deviation 0.5 / sqrt(n).
+        n = masks0.numel()
+        agreement = (masks0 == masks1).float().mean().item()
+        assert abs(agreement - 0.5) < 5 * 0.5 / math.sqrt(n), (layer, agreement)
+        assert abs(masks0.float().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(n)
+
+
+def test_shared_masks_when_disabled(runs: dict[str, list[dict[str, Any]]]) -> None:
+    rank0, rank1 = (run["records"] for run in runs["shared"])
+    for layer in ("ours", "torch"):
+        assert all(torch.equal(a, b) for a, b in zip(rank0[layer], rank1[layer], strict=True))
+
+
+def test_same_seed_reproduces_masks(runs: dict[str, list[dict[str, Any]]]) -> None:
+    for full, half in zip(runs["full"], runs["half"], strict=True):
+        done = len(half["records"]["ours"])
+        assert done == EPOCHS // 2 * BATCHES_PER_EPOCH
+        for key in ("ours", "torch", "loss"):
+            assert all(torch.equal(a, b) for a, b in zip(full["records"][key][:done], half["records"][key], strict=True))
+
+
+def test_resume_reproduces_the_trajectory(runs: dict[str, list[dict[str, Any]]]) -> None:
+    for full, resumed in zip(runs["full"], runs["resumed"], strict=True):
+        done = EPOCHS // 2 * BATCHES_PER_EPOCH
+        assert resumed["records"]["step"] == full["records"]["step"][done:]
+        for key in ("ours", "torch", "loss"):
+            assert all(torch.equal(a, b) for a, b in zip(full["records"][key][done:], resumed["records"][key], strict=True))
+        for name, value in full["weights"].items():
+            torch.testing.assert_close(resumed["weights"][name], value, rtol=0, atol=0)
