@@ -16,6 +16,7 @@ from lightning_dropout.layers import (
     Dropout3d,
     GaussianDropout,
 )
+from lightning_dropout.random_streams import RankStreams
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "Dropout2d",
     "Dropout3d",
     "GaussianDropout",
+    "RankStreams",
     "__version__",
 ]

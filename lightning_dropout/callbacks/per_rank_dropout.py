@@ -142,7 +142,9 @@ class PerRankDropout(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -158,7 +160,7 @@ class PerRankDropout(Callback):
         return dict(self._loaded_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = {key: int(state_dict[key]) for key in ("seed", "step") if key in state_dict}
+        state: dict[str, int] = {key: int(state_dict[key]) for key in ("seed", "step") if key in state_dict}
         if self.streams is not None:
             self.streams.load_state_dict(state)
         else:  # loaded before setup (not Lightning's order, but a user's may differ)
