@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_dropout import Dropout
+from lightning_dropout import DropConnectLinear, Dropout, Dropout2d, GaussianDropout
 from lightning_dropout.random_streams import RankStreams, stream_seed
 
 N = 20_000
@@ -43,6 +44,29 @@ def test_ranks_differ_and_the_same_seed_reproduces() -> None:
     assert torch.equal(_mask(again), first0) and torch.equal(_mask(again), second0)
     assert torch.equal(_mask(RankStreams(seed=7, rank=0, step=1)), second0)
     assert not torch.equal(_mask(RankStreams(seed=8, rank=0)), first0)
+
+
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        lambda: Dropout2d(0.5),
+        lambda: GaussianDropout(0.5),
+        lambda: DropConnectLinear(8, 8, per_sample=True),
+        lambda: nn.Dropout2d(0.5),
+        lambda: nn.AlphaDropout(0.5),
+    ],
+    ids=["Dropout2d", "GaussianDropout", "DropConnectLinear", "nn.Dropout2d", "nn.AlphaDropout"],
+)
+def test_every_dropout_layer_draws_from_the_rank_stream(make_layer: Callable[[], nn.Module]) -> None:
+    layer = make_layer()
+    x = torch.ones(16, 8, 4, 4) if "2d" in type(layer).__name__ else torch.ones(16, 8)
+
+    def output(rank: int) -> torch.Tensor:
+        with RankStreams(seed=0, rank=rank).step_scope():
+            return layer(x)
+
+    assert torch.equal(output(0), output(0))
+    assert not torch.equal(output(0), output(1))
 
 
 def test_global_stream_is_untouched_by_steps() -> None:
