@@ -4,6 +4,7 @@ Layers (pure PyTorch), schedules, Monte-Carlo inference, torchmetrics metrics an
 Lightning callbacks; see the README for the tour.
 """
 
+from lightning_dropout import schedules
 from lightning_dropout.layers import (
     DropConnect,
     DropConnectConv1d,
@@ -33,4 +34,5 @@ __all__ = [
     "GaussianDropout",
     "RankStreams",
     "__version__",
+    "schedules",
 ]

@@ -1,5 +1,6 @@
-"""Lightning callbacks, one per file."""
+"""Lightning callbacks, one per file: scheduling, Monte-Carlo dropout and monitors."""
 
+from lightning_dropout.callbacks.dropout_scheduler import DropoutScheduler
 from lightning_dropout.callbacks.per_rank_dropout import PerRankDropout
 
-__all__ = ["PerRankDropout"]
+__all__ = ["DropoutScheduler", "PerRankDropout"]

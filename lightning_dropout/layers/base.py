@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lightning_dropout._validation import check_probability
@@ -41,6 +42,11 @@ class DropProbability:
 class DropoutBase(DropProbability, nn.Module):
     """Base of this package's activation-dropping layers.
 
+    ``p`` is mirrored in ``p_tensor``, a 0-d float32 buffer that follows the module across
+    devices but stays out of the ``state_dict``. Under torch.compile the layers read the
+    tensor (see :mod:`lightning_dropout.layers.traceable`), so a ``p`` that changes between
+    steps is a graph input instead of a constant that forces a recompile.
+
     Args:
         p: drop probability in [0, 1].
 
@@ -49,9 +55,27 @@ class DropoutBase(DropProbability, nn.Module):
         ValueError: ``p`` is NaN or outside [0, 1].
     """
 
+    p_tensor: Tensor
+
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
+        self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
         self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = check_probability("p", value)
+        buffer = self.p_tensor
+        if buffer.is_inference() and not torch.is_inference_mode_enabled():
+            # A layer built under inference_mode holds an inference tensor, which cannot be
+            # updated in place outside it.
+            self.p_tensor = torch.full((), self._p, dtype=buffer.dtype, device=buffer.device)
+        else:
+            buffer.fill_(self._p)  # a buffer without grad: no autograd bookkeeping needed
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_dropout import kernels
 from lightning_dropout._validation import check_probability
 from lightning_dropout.layers.base import DropoutBase, check_bool, check_floating
+from lightning_dropout.layers.traceable import traceable_dropout
 
 
 def zeros_like_connected(x: Tensor, inplace: bool = False) -> Tensor:
@@ -99,6 +100,9 @@ class Dropout(DropoutBase):
         self.inverted = check_bool("inverted", inverted)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            check_floating(x)
+            return traceable_dropout(x, self.p_tensor, x.shape, self.training, self.inverted, self.inplace)
         return dropout(x, self.p, self.training, self.inverted, self.inplace)
 
     def extra_repr(self) -> str:

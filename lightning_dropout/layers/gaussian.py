@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
 from lightning_dropout._validation import check_probability
 from lightning_dropout.layers.base import DropoutBase, check_floating
 from lightning_dropout.layers.dropout import zeros_like_connected
+from lightning_dropout.layers.traceable import traceable_gaussian_dropout
 
 
 def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -66,4 +68,7 @@ class GaussianDropout(DropoutBase):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            check_floating(x)
+            return traceable_gaussian_dropout(x, self.p_tensor, self.training)
         return gaussian_dropout(x, self.p, self.training)

@@ -15,12 +15,14 @@ or use :class:`Dropout1d` for the former.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
 from lightning_dropout._validation import check_probability
 from lightning_dropout.layers.base import DropoutBase, check_floating
 from lightning_dropout.layers.dropout import zeros_like_connected
+from lightning_dropout.layers.traceable import traceable_dropout
 
 
 def _is_batched(x: Tensor, spatial_dims: int, batched: bool | None) -> bool:
@@ -123,6 +125,11 @@ class _ChannelDropout(DropoutBase):
         self.batched = batched
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            check_floating(x)
+            channel_dims = 2 if _is_batched(x, self.spatial_dims, self.batched) else 1
+            mask_shape = (*x.shape[:channel_dims], *([1] * self.spatial_dims))
+            return traceable_dropout(x, self.p_tensor, mask_shape, self.training, self.inverted, self.inplace)
         return channel_dropout(
             x, self.p, self.training, self.spatial_dims, self.inverted, self.inplace, self.batched
         )

@@ -1,0 +1,310 @@
+"""Schedule dropout probabilities over training, per layer group, and survive a resume.
+
+Before every training batch :class:`DropoutScheduler` sets the drop probability of the
+layers it drives to ``schedule(index)``, where ``index`` is ``trainer.global_step``
+(``interval="step"``) or ``trainer.current_epoch`` (``interval="epoch"``). The value is a
+pure function of the index, which every rank holds identically, so all DDP ranks agree
+without communicating, and a run resumed from any checkpoint (even mid-epoch) replays the
+uninterrupted run's trajectory. Nothing is changed outside training batches: validation,
+test and predict keep whatever p training left (the last scheduled value).
+
+Which layers: this package's dropout layers, torch's (``_DropoutNd`` subclasses,
+AlphaDropout, FeatureAlphaDropout) and drop-path modules exposing a float ``drop_prob``
+(timm's DropPath). Modules whose rate is a float ``p`` but which are not dropout layers
+(torchvision's StochasticDepth) are driven only when ``targets`` names them, since a float
+``p`` alone (a norm's order, a loss's exponent) does not make a module a dropout layer.
+
+torch.compile: this package's activation-dropout layers hold p in a float tensor buffer
+as well as in the Python float ``layer.p``; compiled graphs read the tensor, so a p that
+changes every step is a graph input rather than a guarded constant and causes no
+recompilation. torch's own dropout layers (and drop-path modules) take p as a Python
+float, which torch.compile specialises on: each new value recompiles until the
+recompile limit (8), after which the module runs uncompiled. Use this package's layers in
+compiled models whose p is scheduled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_dropout._validation import check_choice, check_probability
+from lightning_dropout.layers import get_rate, is_dropout_layer, rate_attribute, set_rate
+from lightning_dropout.schedules import Schedule
+
+INTERVALS = ("step", "epoch")
+SINGLE_GROUP = "all"
+
+Target = str | type[nn.Module]
+
+
+class DropoutScheduler(Callback):
+    """Set dropout probabilities from schedules before every training batch, and log them.
+
+    ``schedule`` is one :class:`~lightning_dropout.schedules.Schedule` for every driven
+    layer (the group is then called ``"all"``), or a mapping ``{pattern: schedule}`` of
+    layer groups. A pattern is a glob (``fnmatch``) on the names of
+    ``pl_module.named_modules()``; it also takes in every layer below a module it matches,
+    so ``"encoder"`` means every dropout layer inside ``encoder``. Each group must match at
+    least one layer and no layer may belong to two groups.
+
+    Lengths given as fractions (``Linear(0.0, 0.3, steps=0.5)``) are resolved against
+    ``trainer.estimated_stepping_batches`` (``interval="step"``) or ``trainer.max_epochs``
+    (``interval="epoch"``) when fit starts; the resolved length is saved in the checkpoint,
+    so a resumed run keeps the schedule it started with.
+
+    Logs ``dropout/<group>/p`` to every logger in ``trainer.loggers`` whenever the trainer
+    logs (``log_every_n_steps``), at the same step as the training metrics.
+
+    Args:
+        schedule: a schedule, or a non-empty mapping from layer-name patterns to schedules.
+        targets: narrows the driven layers: a string is a glob on the layer's name or the
+            exact name of its class (or a base class, e.g. ``"Dropout2d"``), a type matches
+            its instances; a list matches layers matched by any entry. Naming a module
+            type whose rate is a float ``p`` (e.g. ``"StochasticDepth"``) also opts it in.
+        interval: ``"step"`` (index = ``trainer.global_step``) or ``"epoch"`` (index =
+            ``trainer.current_epoch``).
+
+    Raises:
+        TypeError: ``schedule`` is not a Schedule or a mapping of str to Schedule, or
+            ``targets`` holds something other than strings and module types.
+        ValueError: an empty ``schedule`` mapping or pattern, empty ``targets``, or an
+            unknown ``interval``. At fit start: a group or ``targets`` matching no layer,
+            overlapping groups, or fractional lengths in a run of unknown length.
+
+    Example:
+        >>> from lightning_dropout.schedules import Constant, Linear
+        >>> DropoutScheduler({"encoder": Linear(0.0, 0.3, steps=0.5), "head": Constant(0.1)})
+        DropoutScheduler({'encoder': Linear(start=0.0, end=0.3, steps=0.5), 'head': Constant(p=0.1)})
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule | dict[str, Schedule],
+        targets: str | type[nn.Module] | list[str | type[nn.Module]] | None = None,
+        interval: str = "step",
+    ) -> None:
+        self.schedules = check_schedules(schedule)
+        self.targets = check_targets(targets)
+        self.interval = check_choice("interval", interval, INTERVALS)
+        self._single = isinstance(schedule, Schedule)
+        self._groups: dict[str, list[nn.Module]] = {}
+        self._resolved: dict[str, Schedule] = {}
+        self._total: int | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        schedule = self.schedules[SINGLE_GROUP] if self._single else self.schedules
+        targets = "" if self.targets is None else f", targets={self.targets!r}"
+        interval = "" if self.interval == "step" else f", interval={self.interval!r}"
+        return f"{type(self).__name__}({schedule!r}{targets}{interval})"
+
+    def find_groups(self, module: nn.Module) -> dict[str, list[nn.Module]]:
+        """The layers of ``module`` each group drives, by group name.
+
+        Raises:
+            ValueError: ``targets`` or a group matches no layer, or two groups share one.
+
+        Example:
+            >>> from lightning_dropout.schedules import Constant
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+            >>> DropoutScheduler(Constant(0.1)).find_groups(net)
+            {'all': [Dropout(p=0.5, inplace=False)]}
+        """
+        layers = {name: m for name, m in module.named_modules() if name and self._drives(name, m)}
+        if not layers:
+            where = "" if self.targets is None else f" matching targets={self.targets!r}"
+            raise ValueError(f"DropoutScheduler found no dropout layer{where} in {type(module).__name__}")
+        if self._single:
+            return {SINGLE_GROUP: list(layers.values())}
+        groups: dict[str, list[nn.Module]] = {}
+        owner: dict[str, str] = {}
+        for pattern in self.schedules:
+            names = [name for name in layers if matches_name(name, pattern)]
+            if not names:
+                raise ValueError(
+                    f"schedule pattern {pattern!r} matches no dropout layer; the layers are {sorted(layers)}"
+                )
+            for name in names:
+                if name in owner:
+                    raise ValueError(
+                        f"schedule patterns {owner[name]!r} and {pattern!r} overlap: "
+                        f"both match layer {name!r}"
+                    )
+                owner[name] = pattern
+            groups[pattern] = [layers[name] for name in names]
+        return groups
+
+    def _drives(self, name: str, module: nn.Module) -> bool:
+        attribute = rate_attribute(module)
+        if attribute is None:
+            return False
+        if self.targets is None:
+            return is_dropout_layer(module) or attribute == "drop_prob"
+        return any(matches_target(name, module, target) for target in self.targets)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here rather than in setup: layers built in configure_model exist only from now on.
+        self._groups = self.find_groups(pl_module)
+        if any(s.is_fractional() for s in self.schedules.values()) and self._total is None:
+            self._total = self._run_length(trainer)
+        current = {"interval": self.interval, "schedules": self._schedule_reprs()}
+        if self._restored is not None and self._restored != current:
+            rank_zero_warn(
+                f"DropoutScheduler resumed with {current} but the checkpoint was written with "
+                f"{self._restored}; the new configuration applies from here."
+            )
+        total = self._total
+        self._resolved = {
+            group: s.resolve(total) if total is not None and s.is_fractional() else s
+            for group, s in self.schedules.items()
+        }
+
+    def _run_length(self, trainer: pl.Trainer) -> int:
+        if self.interval == "epoch":
+            total: float = trainer.max_epochs if trainer.max_epochs is not None else -1
+        else:
+            total = trainer.estimated_stepping_batches
+        if not (total >= 1 and total != float("inf")):
+            raise ValueError(
+                f"schedule lengths are fractions of the run, but the run's length in {self.interval}s "
+                f"is unknown ({total}); set max_steps or max_epochs, or give lengths as ints"
+            )
+        return int(total)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        index = trainer.global_step if self.interval == "step" else trainer.current_epoch
+        rates = self.rates(index)
+        for group, p in rates.items():
+            for layer in self._groups[group]:
+                if get_rate(layer) != p:
+                    set_rate(layer, p)
+        # The trainer's own rule for when to log, as LearningRateMonitor uses it.
+        if trainer.loggers and trainer._logger_connector.should_update_logs:
+            metrics = {f"dropout/{group}/p": p for group, p in rates.items()}
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def rates(self, index: int) -> dict[str, float]:
+        """The p of every group at ``index`` (a global step or an epoch), by group name.
+
+        Raises:
+            ValueError: a schedule returned a value outside [0, 1).
+
+        Example:
+            >>> from lightning_dropout.schedules import Linear
+            >>> DropoutScheduler({"encoder": Linear(0.0, 0.2, steps=10)}).rates(5)
+            {'encoder': 0.1}
+        """
+        schedules = self._resolved or self.schedules
+        return {
+            group: check_probability(f"schedule[{group!r}]({index})", s(index), allow_one=False)
+            for group, s in schedules.items()
+        }
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._groups, self._resolved = {}, {}
+            self._total = self._restored = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"interval": self.interval, "total": self._total, "schedules": self._schedule_reprs()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._total = state_dict.get("total")
+        self._restored = {"interval": state_dict.get("interval"), "schedules": state_dict.get("schedules")}
+
+    def _schedule_reprs(self) -> dict[str, str]:
+        return {group: repr(s) for group, s in self.schedules.items()}
+
+
+def matches_name(name: str, pattern: str) -> bool:
+    """Whether layer ``name`` matches glob ``pattern`` or lies below a module it matches.
+
+    Example:
+        >>> matches_name("encoder.block.0.drop", "encoder"), matches_name("decoder.drop", "enc*")
+        (True, False)
+    """
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def matches_target(name: str, module: nn.Module, target: Target) -> bool:
+    """Whether ``module`` called ``name`` is selected by ``target`` (a glob, class name or type).
+
+    Example:
+        >>> drop = torch.nn.Dropout()
+        >>> matches_target("head.drop", drop, "Dropout"), matches_target("x", drop, "h*")
+        (True, False)
+    """
+    if isinstance(target, type):
+        return isinstance(module, target)
+    return matches_name(name, target) or any(target == cls.__name__ for cls in type(module).__mro__)
+
+
+def check_schedules(schedule: Any) -> dict[str, Schedule]:
+    """``schedule`` as a mapping from group name to schedule, validated.
+
+    Raises:
+        TypeError: not a Schedule or a mapping from strings to Schedules.
+        ValueError: an empty mapping or an empty pattern.
+
+    Example:
+        >>> from lightning_dropout.schedules import Constant
+        >>> check_schedules(Constant(0.1))
+        {'all': Constant(p=0.1)}
+    """
+    if isinstance(schedule, Schedule):
+        return {SINGLE_GROUP: schedule}
+    if not isinstance(schedule, Mapping):
+        raise TypeError(
+            f"schedule must be a Schedule or a mapping {{pattern: Schedule}}, got {type(schedule).__name__} "
+            f"{schedule!r}"
+        )
+    if not schedule:
+        raise ValueError("schedule must map at least one layer pattern to a Schedule, got an empty mapping")
+    for pattern, value in schedule.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"schedule patterns must be non-empty strings, got {pattern!r}")
+        if not isinstance(value, Schedule):
+            raise TypeError(f"schedule[{pattern!r}] must be a Schedule, got {type(value).__name__} {value!r}")
+    return dict(schedule)
+
+
+def check_targets(targets: Any) -> list[Target] | None:
+    """``targets`` as a list of globs / class names / module types, or None.
+
+    Raises:
+        TypeError: an entry that is neither a string nor an nn.Module subclass.
+        ValueError: an empty list or an empty string.
+
+    Example:
+        >>> check_targets("encoder.*"), check_targets([torch.nn.Dropout])
+        (['encoder.*'], [<class 'torch.nn.modules.dropout.Dropout'>])
+    """
+    if targets is None:
+        return None
+    entries = [targets] if isinstance(targets, (str, type)) else targets
+    if not isinstance(entries, Sequence):
+        raise TypeError(f"targets must be a string, a module type or a list of them, got {targets!r}")
+    if not entries:
+        raise ValueError("targets must name at least one layer pattern or type, got an empty list")
+    for entry in entries:
+        if isinstance(entry, str):
+            if not entry:
+                raise ValueError("targets must not hold an empty string")
+        elif not (isinstance(entry, type) and issubclass(entry, nn.Module)):
+            raise TypeError(
+                "targets entries must be strings or nn.Module subclasses, "
+                f"got {type(entry).__name__} {entry!r}"
+            )
+    return list(entries)
