@@ -25,11 +25,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dropout import Dropout
-from lightning_dropout.callbacks import PerRankDropout
+from lightning_dropout.callbacks import DropoutScheduler, PerRankDropout
+from lightning_dropout.schedules import Linear
 
 PROBE = 1024  # elements per probe mask
 EPOCHS = 4
 BATCHES_PER_EPOCH = 2  # per rank: 16 samples, batch 4, two ranks
+SCHEDULE = Linear(0.1, 0.5, steps=6)
 
 
 class ProbeModel(pl.LightningModule):
@@ -42,7 +44,7 @@ class ProbeModel(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), Dropout(0.5), nn.Dropout(0.5), nn.Linear(32, 1))
         self.probe_ours = Dropout(0.5)
         self.probe_torch = nn.Dropout(0.5)
-        self.records: dict[str, list[Any]] = {"ours": [], "torch": [], "loss": [], "step": []}
+        self.records: dict[str, Any] = {"ours": [], "torch": [], "loss": [], "step": [], "p": []}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -52,6 +54,7 @@ class ProbeModel(pl.LightningModule):
         self.records["torch"].append(self.probe_torch(ones) != 0)
         self.records["loss"].append(loss.detach().clone())
         self.records["step"].append(self.global_step)
+        self.records["p"].append([self.net[2].p, self.net[3].p])
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -87,6 +90,7 @@ def _fit(
         max_epochs=max_epochs,
         callbacks=[
             PerRankDropout(enabled=enabled),
+            DropoutScheduler({"net": SCHEDULE}),
             ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
         ],
         default_root_dir=tmp_path,
@@ -173,6 +177,16 @@ def test_resume_reproduces_the_trajectory(runs: dict[str, list[dict[str, Any]]])
             assert _same(full["records"][key][done:], resumed["records"][key])
         for name, value in full["weights"].items():
             torch.testing.assert_close(resumed["weights"][name], value, rtol=0, atol=0)
+
+
+def test_scheduled_p_is_equal_on_both_ranks_and_resumes(runs: dict[str, list[dict[str, Any]]]) -> None:
+    rank0, rank1 = (run["records"] for run in runs["full"])
+    assert rank0["p"] == rank1["p"]
+    assert rank0["p"] == [[SCHEDULE(step)] * 2 for step in rank0["step"]]
+    assert len(set(map(tuple, rank0["p"]))) > 3  # the schedule moved
+    done = EPOCHS // 2 * BATCHES_PER_EPOCH
+    for full, resumed in zip(runs["full"], runs["resumed"], strict=True):
+        assert resumed["records"]["p"] == full["records"]["p"][done:]
 
 
 @pytest.mark.skipif(
