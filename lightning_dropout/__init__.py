@@ -17,6 +17,8 @@ from lightning_dropout.layers import (
     Dropout3d,
     GaussianDropout,
 )
+from lightning_dropout.mc import MCOutput
+from lightning_dropout.mixin import DropoutMixin
 from lightning_dropout.random_streams import RankStreams
 
 __version__ = "0.1.0"
@@ -31,7 +33,9 @@ __all__ = [
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
+    "DropoutMixin",
     "GaussianDropout",
+    "MCOutput",
     "RankStreams",
     "__version__",
     "schedules",

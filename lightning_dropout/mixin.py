@@ -1,0 +1,110 @@
+"""DropoutMixin: find, set and Monte-Carlo-sample the dropout layers of a LightningModule.
+
+A thin layer over :mod:`lightning_dropout.mc` and the layers registry; it works on any
+``nn.Module`` it is mixed into, a LightningModule being the intended one.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+from torch import nn
+
+from lightning_dropout import mc
+from lightning_dropout.layers import get_rate
+from lightning_dropout.mc import MCOutput
+
+
+class DropoutMixin:
+    """Dropout controls for a module: mix in before ``L.LightningModule``.
+
+    "Dropout layers" are this package's layers (DropConnect included) and torch's own
+    (``_DropoutNd`` subclasses, AlphaDropout, FeatureAlphaDropout), by qualified name.
+
+    Raises:
+        TypeError: a method is called on an object that is not an ``nn.Module``.
+
+    Example:
+        >>> import lightning as L
+        >>> class Net(DropoutMixin, L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         nn = torch.nn
+        ...         self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2))
+        ...         self.head = nn.Linear(8, 3)
+        ...     def forward(self, x):
+        ...         return self.head(self.net(x))
+        >>> model = Net().eval()
+        >>> model.set_dropout_p(0.3, "net.*"); model.dropout_p()
+        {'net.2': 0.3}
+        >>> out = model.mc_predict(torch.randn(6, 4), n_samples=10)
+        >>> out.mean.shape, out.mutual_information.shape, model.training
+        (torch.Size([6, 3]), torch.Size([6]), False)
+    """
+
+    def dropout_layers(self, pattern: str | None = None) -> dict[str, nn.Module]:
+        """Every dropout layer by qualified name, filtered by a glob on the name.
+
+        Args:
+            pattern: an ``fnmatch`` glob such as ``"encoder.*"``; None for all.
+
+        Raises:
+            ValueError: ``pattern`` matches no dropout layer (the message lists them all).
+        """
+        return mc.dropout_layers(self._module(), pattern)
+
+    def set_dropout_p(self, p: float, pattern: str | None = None) -> None:
+        """Set the drop probability of every dropout layer matching ``pattern``.
+
+        Args:
+            p: the new drop probability in [0, 1] (validated before anything changes).
+            pattern: an ``fnmatch`` glob on the qualified name; None for all.
+
+        Raises:
+            TypeError: ``p`` is not a number.
+            ValueError: ``p`` outside [0, 1], a pattern that matches nothing, or no
+                dropout layer at all.
+        """
+        mc.set_dropout_p(self._module(), p, pattern)
+
+    def dropout_p(self) -> dict[str, float]:
+        """The drop probability of every dropout layer, by qualified name."""
+        return {name: get_rate(m) for name, m in self.dropout_layers().items()}
+
+    def mc_dropout(self) -> AbstractContextManager[nn.Module]:
+        """A context manager under which only the dropout layers are in training mode.
+
+        BatchNorm and every other module keep their mode; all modes are restored on exit,
+        also after an exception.
+        """
+        return mc.mc_mode(self._module())
+
+    def mc_predict(
+        self,
+        x: Any,
+        n_samples: int = 30,
+        batched: bool = True,
+        chunk_size: int | None = None,
+        output: str = "logits",
+        class_dim: int = -1,
+        return_samples: bool = False,
+    ) -> MCOutput:
+        """Monte-Carlo dropout prediction over ``n_samples`` stochastic passes of ``self(x)``.
+
+        Under ``torch.no_grad``; BatchNorm statistics untouched; see
+        :func:`lightning_dropout.mc.mc_predict` for the arguments.
+
+        Raises:
+            TypeError: a wrongly typed argument or a non-tensor output.
+            ValueError: a bad ``n_samples``, ``chunk_size``, ``output`` or class dimension,
+                or a model that cannot be replicated along dim 0 with ``batched=True``.
+        """
+        return mc.mc_predict(
+            self._module(), x, n_samples, batched, chunk_size, output, class_dim, return_samples
+        )
+
+    def _module(self) -> nn.Module:
+        if not isinstance(self, nn.Module):
+            raise TypeError(f"DropoutMixin must be mixed into an nn.Module, not {type(self).__name__}")
+        return self

@@ -1,0 +1,271 @@
+"""Monte-Carlo inference: modes, replication, DropConnect replicas, summaries, errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_dropout import DropConnect, DropConnectConv2d, DropConnectLinear, Dropout, Dropout2d, MCOutput
+from lightning_dropout.mc import (
+    dropout_layers,
+    independent_replica_masks,
+    mc_mode,
+    mc_predict,
+    replicate,
+    set_dropout_p,
+    summarize,
+)
+
+
+def conv_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        Dropout2d(0.3),
+        DropConnectConv2d(4, 4, 3, padding=1, p=0.3),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        DropConnectLinear(4 * 25, 8, p=0.3),
+        nn.BatchNorm1d(8),
+        DropConnect(nn.Linear(8, 3), p=0.2),
+        nn.AlphaDropout(0.1),
+    )
+
+
+def trained_state(net: nn.Module) -> nn.Module:
+    # Non-trivial BatchNorm statistics, then eval as Lightning leaves it.
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 2, 5, 5))
+    return net.eval()
+
+
+def test_dropout_layers_finds_every_family_member_by_name() -> None:
+    net = conv_net()
+    assert list(dropout_layers(net)) == ["3", "4", "6", "7", "9", "10"]
+    assert list(dropout_layers(net, "[67]")) == ["6", "7"]
+
+
+def test_pattern_matching_nothing_lists_the_layers() -> None:
+    with pytest.raises(ValueError, match=r"'encoder\.\*' matches no dropout layer.*\['3', '4'"):
+        dropout_layers(conv_net(), "encoder.*")
+    with pytest.raises(TypeError, match="pattern"):
+        dropout_layers(conv_net(), 3)  # type: ignore[arg-type]
+
+
+def test_set_dropout_p_validates_before_changing_anything() -> None:
+    net = conv_net()
+    before = {n: m.p for n, m in dropout_layers(net).items()}
+    with pytest.raises(ValueError, match="p must be in"):
+        set_dropout_p(net, 1.5)
+    with pytest.raises(TypeError, match="p must be a float"):
+        set_dropout_p(net, "0.1")  # type: ignore[arg-type]
+    assert {n: m.p for n, m in dropout_layers(net).items()} == before
+    set_dropout_p(net, 0.1, "[34]")
+    assert [m.p for m in dropout_layers(net).values()] == [0.1, 0.1, 0.2, 0.3, 0.2, 0.1]
+    with pytest.raises(ValueError, match="no dropout layer"):
+        set_dropout_p(nn.Linear(2, 2), 0.1)
+
+
+def test_mc_mode_flips_only_dropout_layers_and_restores_after_exception() -> None:
+    inner_bn = nn.BatchNorm1d(3)
+    net = nn.Sequential(
+        nn.BatchNorm1d(3),
+        Dropout(),
+        DropConnect(nn.Sequential(nn.Linear(3, 3), inner_bn), names=("0.weight",)),
+    )
+    net.eval()
+    net[0].train()  # a mixed state must come back exactly
+    before = {name: m.training for name, m in net.named_modules()}
+    with pytest.raises(RuntimeError, match="boom"), mc_mode(net):
+        assert net[1].training and net[2].training
+        assert net[0].training and not net[2].module.training and not inner_bn.training
+        raise RuntimeError("boom")
+    assert {name: m.training for name, m in net.named_modules()} == before
+
+
+def test_mc_predict_leaves_batchnorm_statistics_bitwise_unchanged() -> None:
+    net = trained_state(conv_net())
+    buffers = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = {name: m.training for name, m in net.named_modules()}
+    for batched in (True, False):
+        out = mc_predict(net, torch.randn(6, 2, 5, 5), n_samples=7, batched=batched)
+        assert out.variance.sum() > 0
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+    assert {name: m.training for name, m in net.named_modules()} == flags
+    assert all(m.mask_groups == 1 for m in net.modules() if hasattr(m, "mask_groups"))
+
+
+def test_replicas_of_a_batched_pass_get_independent_dropconnect_masks() -> None:
+    # A model whose only randomness is DropConnect with one mask per call: without
+    # per-replica masks every replica of the batched pass would be identical.
+    for layer in (DropConnectLinear(6, 4, p=0.5), DropConnect(nn.Linear(6, 4), p=0.5)):
+        out = mc_predict(
+            layer.eval(), torch.randn(3, 6), n_samples=10, output="regression", return_samples=True
+        )
+        assert out.samples is not None
+        distinct = {tuple(s.flatten().tolist()) for s in out.samples}
+        assert len(distinct) == 10
+        # Within one replica one mask serves the whole batch, as in training.
+        assert layer.mask_groups == 1
+
+
+def test_dropconnect_wrapper_around_rnn_refuses_batched_mode_clearly() -> None:
+    net = DropConnect(nn.GRU(3, 4, batch_first=True), names=("weight_hh_l0",)).eval()
+    with pytest.raises(NotImplementedError, match="batched=False"):
+        mc_predict(lambda_model(net), torch.randn(2, 5, 3), n_samples=3, output="regression")
+    out = mc_predict(lambda_model(net), torch.randn(2, 5, 3), n_samples=3, batched=False, output="regression")
+    assert out.mean.shape == (2, 5, 4)
+
+
+class FirstOutput(nn.Module):
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def lambda_model(rnn: nn.Module) -> nn.Module:
+    return FirstOutput(rnn)
+
+
+def test_batched_mode_refuses_a_model_that_mixes_the_batch() -> None:
+    class Pool(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.dropout(x, 0.5, self.training).sum(0, keepdim=True)
+
+    net = nn.Sequential(nn.Dropout(0.5), Pool())
+    with pytest.raises(ValueError, match=r"use batched=False"):
+        mc_predict(net, torch.randn(4, 3), n_samples=4, output="regression")
+
+
+def test_batched_and_looped_agree_in_distribution() -> None:
+    # Per output entry, the MC mean over n passes has standard error sigma / sqrt(n); the
+    # difference of two independent means has sigma * sqrt(2 / n). Allow 5 of those.
+    net = nn.Sequential(
+        nn.Linear(6, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        DropConnectLinear(16, 16, p=0.3, activation="relu"),
+        Dropout(0.2),
+        DropConnect(nn.Linear(16, 3), p=0.2),
+    )
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(32, 6))
+    net.eval()
+    x = torch.randn(4, 6)
+    n = 200
+    torch.manual_seed(1)
+    batched = mc_predict(net, x, n_samples=n, batched=True, chunk_size=100, output="regression")
+    torch.manual_seed(2)
+    looped = mc_predict(net, x, n_samples=n, batched=False, output="regression")
+    sigma = ((batched.variance + looped.variance) / 2).sqrt()
+    z = (batched.mean - looped.mean).abs() / (sigma * math.sqrt(2 / n) + 1e-12)
+    assert z.max() < 5, z.max()
+    # Variances: relative standard error of a variance estimate is about sqrt(2 / n) for
+    # near-Gaussian outputs; allow 5 sigma on the mean ratio over entries.
+    ratio = (batched.variance.mean() / looped.variance.mean()).item()
+    assert abs(ratio - 1) < 5 * math.sqrt(2 / n)
+
+
+def test_summaries_match_definitions() -> None:
+    logits = torch.randn(5, 4, 3)
+    out = MCOutput.from_samples(logits, keep_samples=True)
+    probs = logits.softmax(-1)
+    mean = probs.mean(0)
+    entropy = -(mean * mean.log()).sum(-1)
+    expected_entropy = -(probs * probs.log()).sum(-1).mean(0)
+    torch.testing.assert_close(out.mean, mean)
+    torch.testing.assert_close(out.variance, probs.var(0, correction=0))
+    torch.testing.assert_close(out.entropy, entropy)
+    torch.testing.assert_close(out.mutual_information, entropy - expected_entropy)
+    assert out.samples is not None and torch.equal(out.samples, probs)
+    torch.testing.assert_close(out.log_mean().softmax(-1), mean)
+    # Streaming over uneven chunks gives the same statistics.
+    chunked = summarize([logits[:2], logits[2:3], logits[3:]])
+    torch.testing.assert_close(chunked.variance, out.variance)
+    torch.testing.assert_close(chunked.mutual_information, out.mutual_information)
+    # Class dimension 1 (segmentation-style outputs).
+    seg = MCOutput.from_samples(torch.randn(3, 2, 4, 5, 5), class_dim=1)
+    assert seg.mean.shape == (2, 4, 5, 5) and seg.entropy is not None and seg.entropy.shape == (2, 5, 5)
+    torch.testing.assert_close(seg.mean.sum(1), torch.ones(2, 5, 5))
+
+
+def test_identical_passes_have_no_mutual_information_and_regression_no_entropy() -> None:
+    out = MCOutput.from_samples(torch.tensor([[0.2, 0.8]]).expand(4, 1, 2), output="probs")
+    assert out.mutual_information is not None and out.mutual_information.abs().max() < 1e-6
+    reg = MCOutput.from_samples(torch.randn(4, 3, 1), output="regression")
+    assert reg.entropy is None and reg.mutual_information is None
+    torch.testing.assert_close(reg.log_mean(), reg.mean)
+
+
+def test_bad_arguments_raise_naming_the_argument() -> None:
+    net = nn.Sequential(nn.Linear(3, 2), nn.Dropout()).eval()
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="n_samples"):
+        mc_predict(net, x, n_samples=0)
+    with pytest.raises(TypeError, match="n_samples"):
+        mc_predict(net, x, n_samples=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size"):
+        mc_predict(net, x, chunk_size=0)
+    with pytest.raises(ValueError, match="output"):
+        mc_predict(net, x, output="softmax")
+    with pytest.raises(TypeError, match="batched"):
+        mc_predict(net, x, batched=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="class_dim"):
+        mc_predict(net, x, class_dim="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="output='regression'"):
+        mc_predict(nn.Sequential(nn.Linear(3, 1), nn.Dropout()), x)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        mc_predict(DictNet(), x, output="regression")
+    with pytest.warns(UserWarning, match="no dropout layer"):
+        mc_predict(nn.Linear(3, 2), x, n_samples=2)
+    assert not net.training
+
+
+class DictNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": x}
+
+
+def test_replicate_nested_batches_and_refuse_ragged_ones() -> None:
+    batch = {"x": torch.arange(4).reshape(2, 2), "y": (torch.tensor([7, 8]), "tag")}
+    out = replicate(batch, 3)
+    assert out["x"][:, 0].tolist() == [0, 2, 0, 2, 0, 2]
+    assert out["y"][0].tolist() == [7, 8, 7, 8, 7, 8] and out["y"][1] == "tag"
+    with pytest.raises(ValueError, match="different first dimensions"):
+        replicate((torch.zeros(2, 1), torch.zeros(3)), 2)
+    with pytest.raises(ValueError, match="0-dimensional.*batched=False"):
+        replicate((torch.zeros(2, 1), torch.tensor(3)), 2)
+
+
+def test_independent_replica_masks_spare_per_sample_layers_and_restore() -> None:
+    per_sample = DropConnectLinear(2, 2, per_sample=True)
+    shared = DropConnectLinear(2, 2)
+    shared.mask_groups = 2
+    net = nn.Sequential(per_sample, shared)
+    with pytest.raises(RuntimeError), independent_replica_masks(net, 5):
+        assert (per_sample.mask_groups, shared.mask_groups) == (1, 5)
+        raise RuntimeError
+    assert (per_sample.mask_groups, shared.mask_groups) == (1, 2)
+
+
+def test_mc_module_does_not_import_lightning() -> None:
+    code = "import sys, lightning_dropout.mc; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
