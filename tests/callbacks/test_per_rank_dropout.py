@@ -9,12 +9,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dropout import Dropout
+from lightning_dropout import Dropout, DropoutMixin
 from lightning_dropout.callbacks import PerRankDropout
 
 
@@ -111,3 +111,24 @@ def test_disabled_leaves_torch_generators_alone(tmp_path: Path) -> None:
     callback = PerRankDropout(enabled=False)
     _fit(tmp_path, OrderModel(0.5), [callback], 1)
     assert callback.streams is None and callback.state_dict() == {}
+
+
+class MixinModel(DropoutMixin, OrderModel):
+    pass
+
+
+class ExtendingModel(MixinModel):
+    def configure_callbacks(self) -> list[Callback]:
+        return [*super().configure_callbacks(), ModelCheckpoint()]
+
+
+def test_mixin_adds_per_rank_dropout_unless_the_trainer_has_one(tmp_path: Path) -> None:
+    trainer = _fit(tmp_path / "default", MixinModel(0.5), [], epochs=1)
+    added = [c for c in trainer.callbacks if isinstance(c, PerRankDropout)]
+    assert len(added) == 1 and added[0].enabled and added[0].streams is not None
+    assert added[0].streams.step == 4
+    shared = PerRankDropout(enabled=False)
+    trainer = _fit(tmp_path / "shared", MixinModel(0.5), [shared], epochs=1)
+    assert [c for c in trainer.callbacks if isinstance(c, PerRankDropout)] == [shared]
+    trainer = _fit(tmp_path / "extended", ExtendingModel(0.5), [], epochs=1)
+    assert sum(isinstance(c, PerRankDropout) for c in trainer.callbacks) == 1

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dropout import Dropout
+from lightning_dropout import Dropout, DropoutMixin
 from lightning_dropout.callbacks import DropoutScheduler, PerRankDropout
 from lightning_dropout.schedules import Linear
 
@@ -34,8 +34,11 @@ BATCHES_PER_EPOCH = 2  # per rank: 16 samples, batch 4, two ranks
 SCHEDULE = Linear(0.1, 0.5, steps=6)
 
 
-class ProbeModel(pl.LightningModule):
-    """A tiny regression net that records, per step, masks drawn on identical inputs."""
+class ProbeModel(DropoutMixin, pl.LightningModule):
+    """A tiny regression net that records, per step, masks drawn on identical inputs.
+
+    The mixin adds PerRankDropout unless the trainer has one.
+    """
 
     def __init__(self, out_dir: str, tag: str) -> None:
         super().__init__()
@@ -89,9 +92,9 @@ def _fit(
         strategy=strategy,
         max_epochs=max_epochs,
         callbacks=[
-            PerRankDropout(enabled=enabled),
             DropoutScheduler({"net": SCHEDULE}),
             ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+            *([] if enabled else [PerRankDropout(enabled=False)]),
         ],
         default_root_dir=tmp_path,
         logger=False,
