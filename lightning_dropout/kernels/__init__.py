@@ -4,27 +4,103 @@ The layers call only the functions below; each picks the fastest implementation 
 exists for the input's device and falls back to :mod:`.reference`, the exact PyTorch
 definition. Every implementation draws from torch's generators, so ``torch.manual_seed``
 reproduces masks whichever path runs. Nothing here validates arguments: the layers do.
+
+CUDA tensors (fp32, bf16, fp16) go to the Triton kernels of :mod:`.triton_dropout` when
+Triton imports: they keep no mask for backward. In-place calls and other dtypes take the
+reference path.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
+import torch
 from torch import Tensor
 
 from lightning_dropout.kernels import reference
 
-__all__ = ["channel_dropout", "dropout", "gaussian_dropout"]
+__all__ = ["channel_dropout", "dropout", "fast_drop_connect_linear", "gaussian_dropout"]
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tests running the kernels in Triton's interpreter add "cpu".
+TRITON_DEVICES = ("cuda",)
+
+
+def _import_triton_kernels() -> tuple[ModuleType | None, ModuleType | None]:
+    if not torch.cuda.is_available():
+        return None, None
+    try:
+        from lightning_dropout.kernels import triton_dropconnect, triton_dropout
+    except ImportError:  # Triton is an optional dependency
+        return None, None
+    return triton_dropout, triton_dropconnect
+
+
+triton_kernels, triton_drop_connect = _import_triton_kernels()
+
+
+def _on_triton(x: Tensor, p: float, scale: float, inplace: bool) -> bool:
+    # The kernels derive the scale from p on the device: 1 / (1 - p) or 1.
+    return (
+        triton_kernels is not None
+        and x.device.type in TRITON_DEVICES
+        and not inplace
+        and x.dtype in TRITON_DTYPES
+        and p < 1.0
+        and (scale == 1.0 or scale == 1.0 / (1.0 - p))
+    )
 
 
 def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
     """Keep each element with probability ``1 - p`` and multiply kept ones by ``scale``."""
+    if triton_kernels is not None and _on_triton(x, p, scale, inplace):
+        return triton_kernels.dropout(x, p, inverted=scale != 1.0)
     return reference.dropout(x, p, scale, inplace)
 
 
 def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
     """Keep each (sample, channel) of a batched (N, C, *spatial) input w.p. ``1 - p``."""
+    if triton_kernels is not None and _on_triton(x, p, scale, inplace):
+        return triton_kernels.channel_dropout(x, p, inverted=scale != 1.0)
     return reference.channel_dropout(x, p, scale, inplace)
 
 
 def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     """Multiply ``x`` elementwise by independent N(1, sigma^2) noise."""
+    if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
+        return triton_kernels.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
+
+
+def fast_drop_connect_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, p: float, groups: int
+) -> Tensor | None:
+    """``F.linear`` with one DropConnect mask per group of the batch on a fast path, or None.
+
+    None means no fast path exists for these tensors: the caller computes it itself. The
+    Triton path (CUDA, fp32 / bf16 / fp16) regenerates each mask inside the forward and
+    both backward products instead of storing it.
+
+    Args:
+        x: input (B, ..., in_features).
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        p: drop probability in (0, 1).
+        groups: number of equal groups of the batch with independent masks (B: per sample).
+
+    Raises:
+        ValueError: on the fast path, a batch size that is not a multiple of ``groups``.
+
+    Example:
+        >>> fast_drop_connect_linear(torch.ones(2, 3), torch.ones(4, 3), None, 0.5, 2) is None  # CPU
+        True
+    """
+    if (
+        triton_drop_connect is None
+        or x.device.type not in TRITON_DEVICES
+        or x.dtype not in TRITON_DTYPES
+        or weight.dtype != x.dtype
+        or x.dim() < 2
+    ):
+        return None
+    return triton_drop_connect.drop_connect_linear(x, weight, bias, p, groups)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_dropout import kernels
 from lightning_dropout._validation import check_choice, check_positive_int, check_probability
 from lightning_dropout.layers.base import DropProbability, check_bool
 from lightning_dropout.layers.dropout import zeros_like_connected
@@ -325,6 +326,12 @@ class DropConnectLinear(DropConnectLayer, nn.Linear):
         return 1
 
     def forward(self, x: Tensor) -> Tensor:
+        groups = x.shape[0] if self.per_sample and x.dim() > 1 else self.mask_groups
+        if self.training and 0.0 < self.p < 1.0 and (self.per_sample or groups > 1):
+            # On CUDA the masks are regenerated inside the products, never stored.
+            out = kernels.fast_drop_connect_linear(x, self.weight, self.bias, self.p, groups)
+            if out is not None:
+                return self._activation(out)
         return self._forward(x)
 
     def extra_repr(self) -> str:

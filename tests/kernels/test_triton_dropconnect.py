@@ -1,0 +1,125 @@
+"""Per-sample DropConnect in Triton, run by the interpreter on CPU tensors (fp32).
+
+The masks are regenerated from the same seed by ``materialize_masks`` (the mask function
+the three products share, written out); the products are compared with a float64
+reference built from them (to a tolerance: the summation order differs). One test reads a
+mask back through the forward product itself (one-hot rows, unit weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lightning_dropout import DropConnectLinear, kernels
+from lightning_dropout.kernels import triton_dropconnect as dc
+
+
+def regenerated_mask(
+    groups: int, out_features: int, in_features: int, p: float, seed: torch.Tensor
+) -> torch.Tensor:
+    return dc.materialize_masks(groups, out_features, in_features, p, seed).double()
+
+
+@pytest.mark.parametrize(
+    ("batch", "out_features", "in_features", "bias"),
+    [(3, 5, 70, True), (2, 33, 7, False), (1, 1, 1, True)],
+)
+def test_per_sample_forward_and_backward_match_float64(
+    batch: int, out_features: int, in_features: int, bias: bool
+) -> None:
+    seed = torch.tensor(42)
+    x = torch.randn(batch, in_features, requires_grad=True)
+    w = torch.randn(out_features, in_features, requires_grad=True)
+    b = torch.randn(out_features, requires_grad=True) if bias else None
+    y = dc.drop_connect_linear(x, w, b, 0.4, seed=seed)
+    mask = regenerated_mask(batch, out_features, in_features, 0.4, seed)
+    assert set(mask.unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.6))}
+    masked = w.detach().double()[None] * mask
+    expected = torch.einsum("bi,boi->bo", x.detach().double(), masked)
+    if b is not None:
+        expected += b.detach().double()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(batch, out_features)
+    y.backward(grad)
+    assert x.grad is not None and w.grad is not None
+    expected_x = torch.einsum("bo,boi->bi", grad.double(), masked)
+    torch.testing.assert_close(x.grad.double(), expected_x, rtol=1e-5, atol=1e-5)
+    expected_w = torch.einsum("bo,bi,boi->oi", grad.double(), x.detach().double(), mask)
+    torch.testing.assert_close(w.grad.double(), expected_w, rtol=1e-5, atol=1e-5)
+    if b is not None:
+        assert b.grad is not None
+        torch.testing.assert_close(b.grad, grad.sum(0))
+
+
+def test_forward_reads_back_the_materialized_mask() -> None:
+    seed = torch.tensor(5)
+    eye = torch.eye(6).repeat(2, 1)  # one-hot rows, 6 per group
+    rows = dc.drop_connect_linear(eye, torch.ones(3, 6), None, 0.5, groups=2, seed=seed)
+    assert torch.equal(rows.reshape(2, 6, 3).transpose(1, 2), dc.materialize_masks(2, 3, 6, 0.5, seed))
+
+
+def test_groups_share_a_mask_and_extra_dimensions_follow_their_sample() -> None:
+    seed = torch.tensor(7)
+    x = torch.randn(4, 3, 9)  # (B, T, in): the T rows of a sample share its mask
+    w = torch.randn(6, 9)
+    y = dc.drop_connect_linear(x, w, None, 0.5, groups=2, seed=seed)
+    mask = regenerated_mask(2, 6, 9, 0.5, seed)
+    per_sample = mask.repeat_interleave(2, dim=0)  # samples 0, 1 -> group 0; 2, 3 -> group 1
+    expected = torch.einsum("bti,boi->bto", x.double(), w.double()[None] * per_sample)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of mask groups"):
+        dc.drop_connect_linear(x, w, None, 0.5, groups=3)
+
+
+def test_masks_differ_per_sample_and_drop_at_rate_p() -> None:
+    p, batch, out_features, in_features = 0.3, 4, 16, 64
+    mask = regenerated_mask(batch, out_features, in_features, p, torch.tensor(3))
+    assert all(not torch.equal(mask[0], mask[k]) for k in range(1, batch))
+    n = mask.numel()
+    dropped = (mask == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_rate_extremes_and_reproducibility() -> None:
+    x, w = torch.randn(2, 5), torch.randn(3, 5)
+    assert torch.equal(dc.drop_connect_linear(x, w, None, 1.0), torch.zeros(2, 3))
+    torch.testing.assert_close(dc.drop_connect_linear(x, w, None, 0.0), x @ w.t())
+    torch.manual_seed(1)
+    first = dc.drop_connect_linear(x, w, None, 0.5)
+    torch.manual_seed(1)
+    assert torch.equal(dc.drop_connect_linear(x, w, None, 0.5), first)
+
+
+def test_custom_op_registration_is_consistent() -> None:
+    args = (
+        torch.randn(2, 5, requires_grad=True),
+        torch.randn(3, 5, requires_grad=True),
+        torch.randn(3, requires_grad=True),
+        torch.tensor(1),
+        torch.tensor(0.25, dtype=torch.float64),
+        1,
+    )
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(dc._linear_op, args, test_utils=checks)
+
+
+def test_layer_uses_the_kernel_for_per_sample_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "triton_drop_connect", dc)
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
+    layer = DropConnectLinear(5, 3, p=0.5, per_sample=True)
+    x = torch.randn(4, 5)
+    torch.manual_seed(2)
+    through_layer = layer(x)
+    torch.manual_seed(2)
+    direct = dc.drop_connect_linear(x, layer.weight, layer.bias, 0.5)
+    assert torch.equal(through_layer, direct)
+    layer.per_sample, layer.mask_groups = False, 2
+    torch.manual_seed(2)
+    through_layer = layer(x)
+    torch.manual_seed(2)
+    assert torch.equal(through_layer, dc.drop_connect_linear(x, layer.weight, layer.bias, 0.5, groups=2))
