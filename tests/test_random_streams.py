@@ -134,3 +134,15 @@ def test_state_dict_resumes_and_loads_weights_only() -> None:
     resumed = RankStreams(seed=0, rank=1)
     resumed.load_state_dict(state)
     assert torch.equal(_mask(resumed), _mask(streams))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generator_is_covered() -> None:
+    def cuda_mask(rank: int) -> torch.Tensor:
+        with RankStreams(seed=0, rank=rank, devices=["cuda"]).step_scope():
+            return torch.rand(N, device="cuda") < 0.5
+
+    before = torch.cuda.get_rng_state()
+    assert torch.equal(cuda_mask(0), cuda_mask(0))
+    assert not torch.equal(cuda_mask(0), cuda_mask(1))
+    assert torch.equal(torch.cuda.get_rng_state(), before)
