@@ -107,6 +107,16 @@ def test_checkpoint_state_is_plain_and_scope_closes_on_early_epoch_end(tmp_path:
     assert not torch.equal(torch.get_rng_state(), before)  # shuffling drew from it, as usual
 
 
+def test_mid_epoch_checkpoints_hold_the_steps_done(tmp_path: Path) -> None:
+    # ModelCheckpoint saves in on_train_batch_end: the batch that just ran is counted, so a
+    # resume from it starts at the next step's masks.
+    every_step = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    _fit(tmp_path, OrderModel(0.5), [PerRankDropout(), every_step], epochs=1)
+    for step in range(1, 5):
+        state = torch.load(tmp_path / f"step={step}.ckpt", weights_only=True)["callbacks"]["PerRankDropout"]
+        assert state["step"] == step
+
+
 def test_disabled_leaves_torch_generators_alone(tmp_path: Path) -> None:
     callback = PerRankDropout(enabled=False)
     _fit(tmp_path, OrderModel(0.5), [callback], 1)
