@@ -7,8 +7,8 @@ Starting processes that import torch and Lightning is what costs (10-30 s on a l
 same seed stopped half way, its resume, a run with shared masks, and a monitored run
 (CoActivationMonitor and DropRateMonitor writing TensorBoard, a synced CoActivation over
 uneven validation).
-"ddp_spawn" differs only in who starts the processes; an opt-in spawn fit
-(LIGHTNING_DROPOUT_DDP_TESTS=1) checks the masks there too.
+"ddp_spawn" and Lightning's own "ddp" launcher differ only in who starts the processes;
+opt-in fits (LIGHTNING_DROPOUT_DDP_TESTS=1) check the masks under both too.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +301,26 @@ def test_ddp_spawn_ranks_draw_independent_masks(tmp_path: Path) -> None:
         masks0, masks1 = torch.stack(rank0[layer]), torch.stack(rank1[layer])
         agreement = (masks0 == masks1).float().mean().item()
         assert abs(agreement - 0.5) < 5 * 0.5 / math.sqrt(masks0.numel()), (layer, agreement)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LIGHTNING_DROPOUT_DDP_TESTS"),
+    reason="Lightning's own 'ddp' launcher starts two fresh processes; set LIGHTNING_DROPOUT_DDP_TESTS=1",
+)
+def test_ddp_launched_by_lightning_draws_independent_masks(tmp_path: Path) -> None:
+    # Lightning's subprocess launcher re-runs the command line for rank 1, so the fit runs
+    # from this module's __main__ below rather than inside pytest.
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "tests.callbacks.test_per_rank_dropout_ddp", str(tmp_path)]
+    subprocess.run(command, cwd=root, check=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    rank0, rank1 = (run["records"] for run in _load(tmp_path, "launched"))
+    masks0, masks1 = torch.stack(rank0["ours"]), torch.stack(rank1["ours"])
+    agreement = (masks0 == masks1).float().mean().item()
+    assert abs(agreement - 0.5) < 5 * 0.5 / math.sqrt(masks0.numel())
+    assert rank0["p"] == rank1["p"]
+
+
+if __name__ == "__main__":
+    _fit(Path(sys.argv[1]), "launched", 1, strategy="ddp")
+    # Rank 0 must not exit (ending the test's subprocess) before rank 1 has saved its file.
+    torch.distributed.barrier()
