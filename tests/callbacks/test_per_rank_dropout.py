@@ -117,6 +117,20 @@ def test_mid_epoch_checkpoints_hold_the_steps_done(tmp_path: Path) -> None:
         assert state["step"] == step
 
 
+class FailingModel(OrderModel):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx == 1:
+            raise KeyError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_in_a_step_restores_the_global_stream(tmp_path: Path) -> None:
+    callback = PerRankDropout()
+    with pytest.raises(KeyError, match="boom"):
+        _fit(tmp_path, FailingModel(0.5), [callback], epochs=1)
+    assert callback.streams is not None and not callback.streams.active
+
+
 def test_disabled_leaves_torch_generators_alone(tmp_path: Path) -> None:
     callback = PerRankDropout(enabled=False)
     _fit(tmp_path, OrderModel(0.5), [callback], 1)
