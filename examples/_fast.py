@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 def parse(description: str | None, argv: Sequence[str] | None, epochs: int) -> argparse.Namespace:
     """Parse ``--fast``, ``--epochs``, ``--seed`` and ``--out``; fast mode means 2 epochs."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--fast", action="store_true", help="a few seconds' run (for tests)")
     parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {epochs})")
     parser.add_argument("--seed", type=int, default=0)

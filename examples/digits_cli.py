@@ -17,7 +17,11 @@ from lightning_dropout.demo import DigitsClassifier, DigitsDataModule
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI (``args`` as on the command line; None reads ``sys.argv``)."""
     return LightningCLI(
-        DigitsClassifier, DigitsDataModule, subclass_mode_model=True, args=args, save_config_kwargs={"overwrite": True}
+        DigitsClassifier,
+        DigitsDataModule,
+        subclass_mode_model=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
     )
 
 

@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = DigitsMLP(width=64 if args.fast else 1024, p=0.5)
     print("dropout layers:", list(model.dropout_layers()))
     scheduler = DropoutScheduler(
-        {"net.drop1": schedules.Linear(0.0, 0.5, steps=0.5), "net.drop2": schedules.Curriculum(0.5, gamma=0.01)}
+        {
+            "net.drop1": schedules.Linear(0.0, 0.5, steps=0.5),
+            "net.drop2": schedules.Curriculum(0.5, gamma=0.01),
+        }
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,

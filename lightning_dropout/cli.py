@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     reports = run_demo(config)
     if reports:
-        print(f"\nlightning-dropout demo: digits, seed {args.seed}, {args.max_epochs} epochs per model, "
-              f"{time.perf_counter() - started:.0f} s\n")
+        print(
+            f"\nlightning-dropout demo: digits, seed {args.seed}, {args.max_epochs} epochs per model, "
+            f"{time.perf_counter() - started:.0f} s\n"
+        )
         print(format_table(reports))
         print(f"\nOpen the dashboard:\n  {tensorboard_command(args.out)}")
     return 0

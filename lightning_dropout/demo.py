@@ -70,7 +70,9 @@ class DigitsDataModule(pl.LightningDataModule):
         torch.Size([64, 64])
     """
 
-    def __init__(self, batch_size: int = 64, seed: int = 0, flatten: bool = False, train_size: int = 1000) -> None:
+    def __init__(
+        self, batch_size: int = 64, seed: int = 0, flatten: bool = False, train_size: int = 1000
+    ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.seed = seed

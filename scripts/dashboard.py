@@ -120,8 +120,10 @@ def check_dashboard(base_url: str) -> dict[str, Any]:
         for regex in chart["multiline"]["tag"]:
             assert any(re.match(regex, tag) for tag in scalar_tags), f"layout regex {regex} matches no tag"
 
-    sample_tag = sorted(tag for tag in scalar_tags if tag.startswith("dropout/"))[0]
-    points = get_json(base_url, "/data/plugin/scalars/scalars", run=runs[0], tag=sample_tag)
+    sample_run, sample_tag = min(
+        (run, tag) for run in runs for tag in tags["scalars"][run] if tag.startswith("dropout/")
+    )
+    points = get_json(base_url, "/data/plugin/scalars/scalars", run=sample_run, tag=sample_tag)
     assert points and len(points[0]) == 3, f"no [wall_time, step, value] points for {sample_tag}"
     return {
         "runs": runs,

@@ -11,7 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_dropout.cli import main
 
 
-def test_demo_prints_the_table_and_logs_every_dashboard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_prints_the_table_and_logs_every_dashboard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "runs"
     assert main(["demo", "--max-epochs", "2", "--out", str(out), "--width", "64", "--no-progress-bar"]) == 0
     printed = capsys.readouterr().out
@@ -35,8 +37,13 @@ def test_demo_prints_the_table_and_logs_every_dashboard(tmp_path: Path, capsys: 
         return events.Tags()
 
     mlp = tags("mlp_scheduled_dropout")
-    for tag in ("coactivation/net.relu1/mean_abs_corr", "coactivation/net.relu1/decov",
-                "coactivation/net.relu2/sparsity", "dropout/net.drop1/realised", "dropout/all/p"):
+    for tag in (
+        "coactivation/net.relu1/mean_abs_corr",
+        "coactivation/net.relu1/decov",
+        "coactivation/net.relu2/sparsity",
+        "dropout/net.drop1/realised",
+        "dropout/all/p",
+    ):
         assert tag in mlp["scalars"], tag
     assert "coactivation/net.relu1/corr" in mlp["images"]
     assert "coactivation/net.relu1/mean_activation" in mlp["histograms"]

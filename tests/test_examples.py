@@ -62,8 +62,14 @@ def test_every_callback_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     example = _load("digits_cli", monkeypatch)
     monkeypatch.setattr(sys, "argv", ["digits_cli.py"])
     cli = example.main(
-        ["fit", "--config", str(EXAMPLES / "all_callbacks.yaml"), "--trainer.max_epochs=1",
-         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "all_callbacks.yaml"),
+            "--trainer.max_epochs=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
     )
     kinds = {type(c) for c in cli.trainer.callbacks}
     assert {DropoutScheduler, CoActivationMonitor, ChannelDropMonitor, DropRateMonitor, MCDropout} <= kinds
