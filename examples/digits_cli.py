@@ -3,8 +3,9 @@
     python examples/digits_cli.py fit --config examples/all_callbacks.yaml
     python examples/digits_cli.py fit --config examples/all_callbacks.yaml --trainer.max_epochs 2
 
-Model and data are the demo's (``lightning_dropout.demo``; the YAML picks the CNN); every callback argument, the
-schedules included, is a ``class_path`` / ``init_args`` entry in the YAML.
+Model and data are the demo's (``lightning_dropout.demo``; the YAML picks the CNN);
+every callback argument, the schedules included, is a ``class_path`` / ``init_args``
+entry in the YAML.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ dropout layer actually realised.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -271,7 +272,7 @@ def _capture(store: dict[str, Tensor], name: str) -> Any:
 def _dropout_after_units(model: DigitsClassifier) -> dict[str, str]:
     names = [name for name, _ in model.net.named_children()]
     pairs = {}
-    for unit, following in zip(names, names[1:], strict=False):
+    for unit, following in itertools.pairwise(names):
         if unit in model.hidden_units() and is_dropout_layer(getattr(model.net, following)):
             pairs[unit] = following
     return pairs
@@ -360,8 +361,8 @@ def run_demo(config: DemoConfig) -> list[ModelReport]:
 def format_table(reports: list[ModelReport]) -> str:
     """The comparison table, one row per hidden layer, as GitHub markdown."""
     header = (
-        "| model | test error | hidden layer | mean abs corr | sparsity | mean activation | p | realised drop |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| model | test error | hidden layer | mean abs corr | sparsity | mean activation | p "
+        "| realised drop |\n|---|---|---|---|---|---|---|---|"
     )
     rows = [header]
     for report in reports:
