@@ -19,6 +19,7 @@ from lightning_dropout.layers import (
 )
 from lightning_dropout.mc import MCOutput
 from lightning_dropout.mixin import DropoutMixin
+from lightning_dropout.random_streams import RankStreams
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "DropoutMixin",
     "GaussianDropout",
     "MCOutput",
+    "RankStreams",
     "__version__",
     "schedules",
 ]

@@ -6,8 +6,9 @@ A thin layer over :mod:`lightning_dropout.mc` and the layers registry; it works 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -15,12 +16,17 @@ from lightning_dropout import mc
 from lightning_dropout.layers import get_rate
 from lightning_dropout.mc import MCOutput
 
+if TYPE_CHECKING:
+    from lightning.pytorch.callbacks import Callback
+
 
 class DropoutMixin:
     """Dropout controls for a module: mix in before ``L.LightningModule``.
 
     "Dropout layers" are this package's layers (DropConnect included) and torch's own
     (``_DropoutNd`` subclasses, AlphaDropout, FeatureAlphaDropout), by qualified name.
+    Fitted by a Trainer, it adds :class:`~lightning_dropout.callbacks.PerRankDropout`
+    (see :meth:`configure_callbacks`), so DDP ranks draw their own dropout masks.
 
     Raises:
         TypeError: a method is called on an object that is not an ``nn.Module``.
@@ -103,6 +109,29 @@ class DropoutMixin:
         return mc.mc_predict(
             self._module(), x, n_samples, batched, chunk_size, output, class_dim, return_samples
         )
+
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """Lightning hook: add :class:`~lightning_dropout.callbacks.PerRankDropout` by default.
+
+        DDP ranks then draw their own reproducible dropout masks. Nothing is added when the
+        trainer already has a ``PerRankDropout``: pass ``PerRankDropout(enabled=False)`` to
+        the Trainer to restore torch's shared masks. A module overriding this hook keeps
+        the default by extending ``super().configure_callbacks()``.
+        """
+        # Imported here so that `import lightning_dropout` (and its pure-torch parts) does
+        # not import Lightning.
+        from lightning.pytorch.callbacks import Callback
+
+        from lightning_dropout.callbacks.per_rank_dropout import PerRankDropout
+
+        parent = getattr(super(), "configure_callbacks", None)
+        inherited = parent() if parent is not None else []
+        callbacks = [inherited] if isinstance(inherited, Callback) else list(inherited)
+        trainer = self.trainer  # type: ignore[attr-defined]
+        present = [*trainer.callbacks, *callbacks]
+        if not any(isinstance(callback, PerRankDropout) for callback in present):
+            callbacks.append(PerRankDropout())
+        return callbacks
 
     def _module(self) -> nn.Module:
         if not isinstance(self, nn.Module):

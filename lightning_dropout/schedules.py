@@ -224,7 +224,31 @@ class Constant(Schedule):
         return float(self._args["p"])
 
 
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """From ``start`` to ``end`` over ``steps`` steps along ``_shape``, then held at ``end``."""
+
+    _lengths = ("steps",)
+
+    def __init__(self, start: float, end: float, steps: int | float) -> None:
+        self._args = {
+            "start": check_probability("start", start, allow_one=False),
+            "end": check_probability("end", end, allow_one=False),
+            "steps": check_length("steps", steps),
+        }
+
+    @staticmethod
+    def _shape(fraction: float) -> float:
+        """The ramp's progress in [0, 1] at ``fraction`` of its length."""
+        raise NotImplementedError
+
+    def value(self, step: int) -> float:
+        start, end, steps = self._args["start"], self._args["end"], self._args["steps"]
+        if step >= steps:
+            return float(end)
+        return _clamp(start + (end - start) * self._shape(step / steps), start, end)
+
+
+class Linear(_Ramp):
     """Linear ramp from ``start`` to ``end`` over ``steps`` steps, then held at ``end``.
 
     Args:
@@ -241,23 +265,12 @@ class Linear(Schedule):
         (0.1, 0.4)
     """
 
-    _lengths = ("steps",)
-
-    def __init__(self, start: float, end: float, steps: int | float) -> None:
-        self._args = {
-            "start": check_probability("start", start, allow_one=False),
-            "end": check_probability("end", end, allow_one=False),
-            "steps": check_length("steps", steps),
-        }
-
-    def value(self, step: int) -> float:
-        start, end, steps = self._args["start"], self._args["end"], self._args["steps"]
-        if step >= steps:
-            return float(end)
-        return _clamp(start + (end - start) * step / steps, start, end)
+    @staticmethod
+    def _shape(fraction: float) -> float:
+        return fraction
 
 
-class Cosine(Schedule):
+class Cosine(_Ramp):
     """Half-cosine from ``start`` to ``end`` over ``steps`` steps, then held at ``end``.
 
     ``p(t) = end + (start - end) (1 + cos(pi t / steps)) / 2``: flat at both ends.
@@ -277,20 +290,9 @@ class Cosine(Schedule):
         (0.5, 0.3, 0.1)
     """
 
-    _lengths = ("steps",)
-
-    def __init__(self, start: float, end: float, steps: int | float) -> None:
-        self._args = {
-            "start": check_probability("start", start, allow_one=False),
-            "end": check_probability("end", end, allow_one=False),
-            "steps": check_length("steps", steps),
-        }
-
-    def value(self, step: int) -> float:
-        start, end, steps = self._args["start"], self._args["end"], self._args["steps"]
-        if step >= steps:
-            return float(end)
-        return _clamp(end + (start - end) * (1.0 + math.cos(math.pi * step / steps)) / 2.0, start, end)
+    @staticmethod
+    def _shape(fraction: float) -> float:
+        return (1.0 - math.cos(math.pi * fraction)) / 2.0
 
 
 class Step(Schedule):

@@ -37,6 +37,10 @@ class DropProbability:
     @p.setter
     def p(self, value: float) -> None:
         self._p = check_probability("p", value)
+        self._on_p_changed()
+
+    def _on_p_changed(self) -> None:
+        """Called after every valid assignment of ``p``; subclasses mirror it elsewhere."""
 
 
 class DropoutBase(DropProbability, nn.Module):
@@ -62,13 +66,7 @@ class DropoutBase(DropProbability, nn.Module):
         self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
         self.p = p
 
-    @property
-    def p(self) -> float:
-        return self._p
-
-    @p.setter
-    def p(self, value: float) -> None:
-        self._p = check_probability("p", value)
+    def _on_p_changed(self) -> None:
         buffer = self.p_tensor
         if buffer.is_inference() and not torch.is_inference_mode_enabled():
             # A layer built under inference_mode holds an inference tensor, which cannot be

@@ -1,0 +1,7 @@
+"""torchmetrics Metrics that make dropout's effects measurable (no Lightning import)."""
+
+from lightning_dropout.metrics.channel_drop import ChannelDrop
+from lightning_dropout.metrics.coactivation import CoActivation
+from lightning_dropout.metrics.drop_rate import DropRate
+
+__all__ = ["ChannelDrop", "CoActivation", "DropRate"]
