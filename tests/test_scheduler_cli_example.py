@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_dropout.callbacks import DropoutScheduler
@@ -13,7 +15,8 @@ from lightning_dropout.schedules import Chain, Constant, Cosine, EarlyDropout
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_yaml_example_runs_and_schedules(tmp_path: Path) -> None:
+def test_yaml_example_runs_and_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["scheduler_cli.py"])  # pytest's own flags are not the CLI's
     spec = importlib.util.spec_from_file_location("scheduler_cli", EXAMPLES / "scheduler_cli.py")
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
