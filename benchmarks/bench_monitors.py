@@ -1,6 +1,6 @@
 """What the three dropout monitors cost, with default settings, on an MLP and a small CNN.
 
-    python benchmarks/bench_monitors.py [--repeats 5] [--steps 200]
+    python benchmarks/bench_monitors.py [--repeats 5] [--steps 500]
 
 For each model, fits with and without CoActivationMonitor + ChannelDropMonitor +
 DropRateMonitor alternate in the same process (the order flips every repeat); both log to
@@ -214,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per run (a multiple of 50)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=500,
+        help="timed steps per run (a multiple of 500: one heatmap step in 10)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -237,3 +237,16 @@ def test_the_layout_charts_the_schedulers_p_beside_the_realised_rate(tmp_path: P
     scheduled = {e.step: e.value for e in acc.Scalars("dropout/head.*/p")}
     monitored = {e.step: e.value for e in acc.Scalars("dropout/head.3/p")}
     assert scheduled and all(monitored[step] == pytest.approx(p) for step, p in scheduled.items())
+
+
+def test_heatmap_every_image_interval_measured_steps(tmp_path: Path) -> None:
+    monitor = CoActivationMonitor(every_n_steps=2, image_interval=3)
+    trainer, _ = fit(tmp_path, [monitor], max_steps=13)
+    accumulator = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    accumulator.Reload()
+    image_tag = next(t for t in accumulator.Tags()["images"] if t.endswith("/corr"))
+    assert [e.step for e in accumulator.Images(image_tag)] == [0, 6, 12]
+    scalar_tag = next(t for t in accumulator.Tags()["scalars"] if t.endswith("/mean_abs_corr"))
+    assert [e.step for e in accumulator.Scalars(scalar_tag)] == [0, 2, 4, 6, 8, 10, 12]
+    with pytest.raises(ValueError, match="image_interval"):
+        CoActivationMonitor(image_interval=0)
