@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,28 +333,50 @@ def _coactivation() -> CoActivationMonitor:
     return CoActivationMonitor(layers=["net.relu1", "net.relu2"], max_units=64)
 
 
-def experiments(config: DemoConfig) -> Iterator[tuple[str, DigitsClassifier, bool, list[pl.Callback]]]:
-    """The demo's runs: (name, model, wants image input, callbacks)."""
-    yield "mlp_no_dropout", DigitsMLP(width=config.width, p=0.0), False, [_coactivation()]
+@dataclass
+class Experiment:
+    """One of the demo's runs: how to build its model, its input kind and its callbacks."""
+
+    name: str
+    build: Callable[[], DigitsClassifier]
+    images: bool
+    callbacks: list[pl.Callback]
+
+
+def experiments(config: DemoConfig) -> list[Experiment]:
+    """The demo's runs. Models are built by ``run_demo`` after seeding, so that every
+    model's initialisation, the first one's included, depends only on ``config.seed``."""
     # Dropout switched on gradually: from 0 to 0.5 over the first 30% of training
     # (a curriculum in the spirit of Morerio et al. 2017), then held.
     scheduler = DropoutScheduler(schedules.Linear(0.0, 0.5, steps=0.3))
-    mlp = DigitsMLP(width=config.width, p=0.5)
-    yield "mlp_scheduled_dropout", mlp, False, [scheduler, _coactivation(), DropRateMonitor()]
-    cnn_monitors: list[pl.Callback] = [_coactivation(), ChannelDropMonitor(), DropRateMonitor()]
-    yield "cnn_spatial_dropout", DigitsCNN(p=0.2), True, cnn_monitors
+    return [
+        Experiment("mlp_no_dropout", lambda: DigitsMLP(width=config.width, p=0.0), False, [_coactivation()]),
+        Experiment(
+            "mlp_scheduled_dropout",
+            lambda: DigitsMLP(width=config.width, p=0.5),
+            False,
+            [scheduler, _coactivation(), DropRateMonitor()],
+        ),
+        Experiment(
+            "cnn_spatial_dropout",
+            lambda: DigitsCNN(p=0.2),
+            True,
+            [_coactivation(), ChannelDropMonitor(), DropRateMonitor()],
+        ),
+    ]
 
 
 def run_demo(config: DemoConfig) -> list[ModelReport]:
     """Train every experiment, measure it, and return the reports (printing is the caller's)."""
     reports = []
-    for name, model, images, callbacks in experiments(config):
+    for experiment in experiments(config):
         pl.seed_everything(config.seed, verbose=False)
-        data = DigitsDataModule(seed=config.seed, flatten=not images)
-        trainer = _trainer(config, name, callbacks)
+        model = experiment.build()
+        data = DigitsDataModule(seed=config.seed, flatten=not experiment.images)
+        trainer = _trainer(config, experiment.name, experiment.callbacks)
         trainer.fit(model, datamodule=data)
         if trainer.is_global_zero:
-            reports.append(measure(name, model, data))
+            reports.append(measure(experiment.name, model, data))
     return reports
 
 

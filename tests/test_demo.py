@@ -59,3 +59,13 @@ def test_demo_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--max-epochs must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--seed", "x"])
+
+
+def test_demo_is_reproducible_under_its_seed(tmp_path: Path) -> None:
+    from lightning_dropout.demo import DemoConfig, run_demo
+
+    def run(out: str) -> list:
+        config = DemoConfig(max_epochs=1, out=str(tmp_path / out), width=32, progress_bar=False)
+        return run_demo(config)
+
+    assert run("a") == run("b")  # every model, the first one's initialisation included
