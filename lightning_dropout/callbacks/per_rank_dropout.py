@@ -84,8 +84,8 @@ class PerRankDropout(Callback):
 
     Raises:
         TypeError: ``enabled`` is not a bool or ``seed`` not an int (or None).
-        RuntimeError: at setup, for FSDP / DeepSpeed / ModelParallel strategies, or for a
-            multi-process run on an accelerator other than CPU or CUDA.
+        RuntimeError: at setup, when enabled, for FSDP / DeepSpeed / ModelParallel
+            strategies, or for a multi-process run on an accelerator other than CPU or CUDA.
 
     Example:
         >>> callback = PerRankDropout()
@@ -103,8 +103,10 @@ class PerRankDropout(Callback):
         self._loaded_state: dict[str, int] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.enabled:  # a disabled callback touches nothing, under any strategy
+            return
         check_supported_strategy(trainer, type(self).__name__)
-        if stage != "fit" or not self.enabled:
+        if stage != "fit":
             return
         device = trainer.strategy.root_device
         if device.type not in ("cpu", "cuda"):

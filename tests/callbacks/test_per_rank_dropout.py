@@ -71,6 +71,7 @@ def test_sharded_strategies_are_refused_at_setup(strategy_class: type) -> None:
         RuntimeError, match=f"PerRankDropout does not support strategy {strategy_class.__name__}"
     ):
         PerRankDropout().setup(trainer, None, "fit")  # type: ignore[arg-type]
+    PerRankDropout(enabled=False).setup(trainer, None, "fit")  # type: ignore[arg-type]  # the opt-out
 
 
 def test_initialisation_and_data_order_do_not_depend_on_dropout(tmp_path: Path) -> None:
