@@ -69,3 +69,18 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return str(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool, else raise a TypeError naming ``name``.
+
+    Raises:
+        TypeError: ``value`` is not a bool (1 and "yes" are refused too).
+
+    Example:
+        >>> check_bool("inplace", False)
+        False
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dropout._validation import check_choice, check_positive_int, check_probability
+from lightning_dropout._validation import check_bool, check_choice, check_positive_int, check_probability
 from lightning_dropout.layers import DropConnect, DropConnectLayer, is_dropout_layer, set_rate
 
 OUTPUT_KINDS = ("logits", "probs", "regression")
@@ -395,14 +395,14 @@ def mc_predict(
         (torch.Size([5, 3]), torch.Size([5]), False)
     """
     output = check_choice("output", output, OUTPUT_KINDS)
-    return_samples = _bool("return_samples", return_samples)
+    return_samples = check_bool("return_samples", return_samples)
     if not dropout_layers(model):
         warnings.warn(
             f"{type(model).__name__} has no dropout layer: every Monte-Carlo pass is identical",
             stacklevel=2,
         )
     with torch.no_grad(), mc_mode(model):
-        chunks = mc_samples(model, x, n_samples, model, _bool("batched", batched), chunk_size)
+        chunks = mc_samples(model, x, n_samples, model, check_bool("batched", batched), chunk_size)
         return summarize(chunks, output, class_dim, return_samples)
 
 
@@ -498,12 +498,6 @@ def _checked_tensor(out: Any) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"a Monte-Carlo pass must return a tensor, got {type(out).__name__}")
     return out
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 __all__ = [

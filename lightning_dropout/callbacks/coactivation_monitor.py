@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dropout._validation import check_positive_int
+from lightning_dropout._validation import check_bool, check_positive_int
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._monitor import StepMonitor, check_layer_names, resolve_named_layers
 from lightning_dropout.layers import is_dropout_layer
@@ -105,9 +105,7 @@ class CoActivationMonitor(StepMonitor):
         super().__init__(every_n_steps)
         self.layer_names = check_layer_names(layers)
         self.max_units = check_positive_int("max_units", max_units)
-        if not isinstance(log_images, bool):
-            raise TypeError(f"log_images must be a bool, got {type(log_images).__name__} {log_images!r}")
-        self.log_images = log_images
+        self.log_images = check_bool("log_images", log_images)
         self.image_interval = check_positive_int("image_interval", image_interval)
         self._metrics: dict[str, CoActivation] = {}
         self._subsets: dict[str, Tensor] = {}

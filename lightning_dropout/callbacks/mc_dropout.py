@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_dropout._validation import check_choice, check_positive_int
+from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.mc import OUTPUT_KINDS, MCOutput, dropout_layers, mc_mode, mc_samples, summarize
 
 STAGES = ("predict", "test", "validate")
@@ -71,13 +71,13 @@ class MCDropout(L.Callback):
     ) -> None:
         self.n_samples = check_positive_int("n_samples", n_samples)
         self.stages = _check_stages(stages)
-        self.batched = _check_bool("batched", batched)
+        self.batched = check_bool("batched", batched)
         self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
         self.output = check_choice("output", output, OUTPUT_KINDS)
         if isinstance(class_dim, bool) or not isinstance(class_dim, int):
             raise TypeError(f"class_dim must be an int, got {type(class_dim).__name__} {class_dim!r}")
         self.class_dim = class_dim
-        self.return_samples = _check_bool("return_samples", return_samples)
+        self.return_samples = check_bool("return_samples", return_samples)
         self._restore: dict[str, Callable[[], None]] = {}
         self._forward_calls = 0
 
@@ -181,9 +181,3 @@ def _check_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
     if not checked:
         raise ValueError(f"stages must name at least one of {list(STAGES)}, got {stages!r}")
     return checked
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_dropout.layers.base import check_bool
+from lightning_dropout._validation import check_bool
 from lightning_dropout.random_streams import RankStreams
 
 __all__ = ["PerRankDropout", "check_supported_strategy"]

@@ -77,10 +77,3 @@ class DropoutBase(DropProbability, nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def check_bool(name: str, value: object) -> bool:
-    """Return ``value`` if it is a bool, else raise a TypeError naming ``name``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_choice, check_positive_int, check_probability
+from lightning_dropout._validation import check_bool, check_choice, check_positive_int, check_probability
 from lightning_dropout.kernels import cpu as cpu_kernels
-from lightning_dropout.layers.base import DropProbability, check_bool
+from lightning_dropout.layers.base import DropProbability
 from lightning_dropout.layers.dropout import zeros_like_connected
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {

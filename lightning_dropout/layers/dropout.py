@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_probability
-from lightning_dropout.layers.base import DropoutBase, check_bool, check_floating
+from lightning_dropout._validation import check_bool, check_probability
+from lightning_dropout.layers.base import DropoutBase, check_floating
 from lightning_dropout.layers.traceable import traceable_dropout
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_probability
+from lightning_dropout._validation import check_bool, check_probability
 from lightning_dropout.layers.base import DropoutBase, check_floating
 from lightning_dropout.layers.dropout import zeros_like_connected
 from lightning_dropout.layers.traceable import traceable_dropout
@@ -115,13 +115,10 @@ class _ChannelDropout(DropoutBase):
         batched: bool | None = None,
     ) -> None:
         super().__init__(p)
-        for name, flag in (("inplace", inplace), ("inverted", inverted)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
         if batched is not None and not isinstance(batched, bool):
             raise TypeError(f"batched must be a bool or None, got {batched!r}")
-        self.inplace = inplace
-        self.inverted = inverted
+        self.inplace = check_bool("inplace", inplace)
+        self.inverted = check_bool("inverted", inverted)
         self.batched = batched
 
     def forward(self, x: Tensor) -> Tensor:
