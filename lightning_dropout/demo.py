@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -401,5 +402,8 @@ def format_table(reports: list[ModelReport]) -> str:
 
 
 def tensorboard_command(out: str) -> str:
-    """The exact command that opens the demo's dashboard."""
-    return f"tensorboard --logdir {Path(out).resolve()} --host 127.0.0.1 --port 6006"
+    """The exact command that opens the demo's dashboard (the tensorboard beside this
+    Python, so it works from the demo's virtual environment without activating it)."""
+    beside = Path(sys.executable).parent / "tensorboard"
+    program = str(beside) if beside.exists() else "tensorboard"
+    return f"{program} --logdir {Path(out).resolve()} --host 127.0.0.1 --port 6006"
