@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -122,8 +123,34 @@ class StepMonitor(pl.Callback):
             return
         self._measuring = False
         self._remove_hooks()
-        # Every rank reaches this point on the same steps, so compute()'s collectives match.
+        if trainer.world_size > 1:
+            self._agree_on_metrics(trainer)
+        # Every rank reaches this point on the same steps with the same metrics, so
+        # compute()'s collectives match.
         self._report(trainer, self._last_step)
+
+    def _metric_sizes(self) -> dict[str, int]:
+        """Sizes of the metrics created so far, by layer; monitors sizing metrics lazily
+        (from the first activations a layer produces) override this and ``_create_metric``."""
+        return {}
+
+    def _create_metric(self, name: str, size: int, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def _agree_on_metrics(self, trainer: pl.Trainer) -> None:
+        """Give every rank the union of the ranks' metrics before their collectives.
+
+        A rank whose forward skipped a layer on its first measured step has no metric for
+        it yet; without this, the ranks would run different sequences of compute() calls.
+        """
+        local = self._metric_sizes()
+        gathered: list[dict[str, int] | None] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        for sizes in gathered:
+            for name, size in (sizes or {}).items():
+                if name not in local:
+                    self._create_metric(name, size, trainer.strategy.root_device)
+                    local[name] = size
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

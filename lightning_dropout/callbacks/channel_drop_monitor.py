@@ -109,10 +109,16 @@ class ChannelDropMonitor(StepMonitor):
             with torch.no_grad():
                 dropped = ~_channel_nonzero(channels_first(mod, output)) & nonzero
                 if name not in self._metrics:
-                    self._metrics[name] = ChannelDrop(dropped.shape[1]).to(dropped.device)
+                    self._create_metric(name, dropped.shape[1], dropped.device)
                 self._metrics[name].update(dropped, get_rate(mod), valid=nonzero)
 
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    def _metric_sizes(self) -> dict[str, int]:
+        return {name: metric.num_channels for name, metric in self._metrics.items()}
+
+    def _create_metric(self, name: str, size: int, device: torch.device) -> None:
+        self._metrics[name] = ChannelDrop(size).to(device)
 
     def _report(self, trainer: pl.Trainer, step: int) -> None:
         scalars: dict[str, float] = {}

@@ -135,11 +135,18 @@ class CoActivationMonitor(StepMonitor):
                 self._subsets[name] = chosen.sort().values
             else:
                 self._subsets[name] = torch.arange(count)
-            self._metrics[name] = CoActivation(len(self._subsets[name])).to(acts.device)
+            if name not in self._metrics:  # another rank may have sized it already
+                self._create_metric(name, len(self._subsets[name]), acts.device)
         subset = self._subsets[name]
         if len(subset) == acts.shape[1]:
             return acts
         return acts.index_select(1, subset.to(acts.device))
+
+    def _metric_sizes(self) -> dict[str, int]:
+        return {name: metric.num_units for name, metric in self._metrics.items()}
+
+    def _create_metric(self, name: str, size: int, device: torch.device) -> None:
+        self._metrics[name] = CoActivation(size).to(device)
 
     def _record(self, name: str, acts: Any) -> None:
         if isinstance(acts, Tensor) and acts.dim() >= 2 and acts.is_floating_point():

@@ -7,6 +7,7 @@ import math
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -250,3 +251,25 @@ def test_heatmap_every_image_interval_measured_steps(tmp_path: Path) -> None:
     assert [e.step for e in accumulator.Scalars(scalar_tag)] == [0, 2, 4, 6, 8, 10, 12]
     with pytest.raises(ValueError, match="image_interval"):
         CoActivationMonitor(image_interval=0)
+
+
+@pytest.mark.parametrize(
+    ("monitor", "size_attribute"),
+    [(CoActivationMonitor(), "num_units"), (ChannelDropMonitor(), "num_channels")],
+)
+def test_ranks_agree_on_lazily_sized_metrics(
+    monitor: CoActivationMonitor | ChannelDropMonitor, size_attribute: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rank 0 saw layer "a" (5 units); the other rank also saw "b" (7 units) on its first
+    # measured step. After agreement both ranks hold both metrics, so their compute()
+    # collectives run in the same order.
+    monitor._create_metric("a", 5, torch.device("cpu"))
+
+    def all_gather_object(out: list, local: dict) -> None:
+        out[0], out[1] = local, {"a": 5, "b": 7}
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    monitor._agree_on_metrics(trainer)  # type: ignore[arg-type]
+    assert sorted(monitor._metrics) == ["a", "b"]
+    assert getattr(monitor._metrics["b"], size_attribute) == 7
