@@ -26,9 +26,16 @@ class DropProbability:
     ``p`` (the probability of dropping) is a plain attribute that may change between
     steps, as a scheduler does; every assignment is validated. Being an instance of this
     class is what makes a module one of this package's dropout layers.
+
+    ``p`` is mirrored in ``p_tensor``, a 0-d float32 buffer (registered by
+    :meth:`_register_p_tensor`) that follows the module across devices but stays out of
+    the ``state_dict``. Under torch.compile the layers read the tensor (see
+    :mod:`lightning_dropout.layers.traceable`), so a ``p`` that changes between steps is a
+    graph input instead of a constant that forces a recompile.
     """
 
     _p: float
+    p_tensor: Tensor
 
     @property
     def p(self) -> float:
@@ -37,19 +44,23 @@ class DropProbability:
     @p.setter
     def p(self, value: float) -> None:
         self._p = check_probability("p", value)
-        self._on_p_changed()
+        buffer = getattr(self, "p_tensor", None)
+        if buffer is None:
+            return
+        if buffer.is_inference() and not torch.is_inference_mode_enabled():
+            # A layer built under inference_mode holds an inference tensor, which cannot be
+            # updated in place outside it.
+            self.p_tensor = torch.full((), self._p, dtype=buffer.dtype, device=buffer.device)
+        else:
+            buffer.fill_(self._p)  # a buffer without grad: no autograd bookkeeping needed
 
-    def _on_p_changed(self) -> None:
-        """Called after every valid assignment of ``p``; subclasses mirror it elsewhere."""
+    def _register_p_tensor(self) -> None:
+        assert isinstance(self, nn.Module)
+        self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
 
 
 class DropoutBase(DropProbability, nn.Module):
     """Base of this package's activation-dropping layers.
-
-    ``p`` is mirrored in ``p_tensor``, a 0-d float32 buffer that follows the module across
-    devices but stays out of the ``state_dict``. Under torch.compile the layers read the
-    tensor (see :mod:`lightning_dropout.layers.traceable`), so a ``p`` that changes between
-    steps is a graph input instead of a constant that forces a recompile.
 
     Args:
         p: drop probability in [0, 1].
@@ -59,21 +70,10 @@ class DropoutBase(DropProbability, nn.Module):
         ValueError: ``p`` is NaN or outside [0, 1].
     """
 
-    p_tensor: Tensor
-
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
-        self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
+        self._register_p_tensor()
         self.p = p
-
-    def _on_p_changed(self) -> None:
-        buffer = self.p_tensor
-        if buffer.is_inference() and not torch.is_inference_mode_enabled():
-            # A layer built under inference_mode holds an inference tensor, which cannot be
-            # updated in place outside it.
-            self.p_tensor = torch.full((), self._p, dtype=buffer.dtype, device=buffer.device)
-        else:
-            buffer.fill_(self._p)  # a buffer without grad: no autograd bookkeeping needed
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

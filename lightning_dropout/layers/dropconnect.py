@@ -34,6 +34,7 @@ from lightning_dropout._validation import check_bool, check_choice, check_positi
 from lightning_dropout.kernels import cpu as cpu_kernels
 from lightning_dropout.layers.base import DropProbability
 from lightning_dropout.layers.dropout import zeros_like_connected
+from lightning_dropout.layers.traceable import traceable_dropout
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda x: x,
@@ -179,6 +180,7 @@ class DropConnectLayer(DropProbability):
         n_samples: int,
         max_mask_bytes: int,
     ) -> None:
+        self._register_p_tensor()
         self.p = p
         self.per_sample = check_bool("per_sample", per_sample)
         self.inference = inference
@@ -212,6 +214,8 @@ class DropConnectLayer(DropProbability):
         return resolve_activation(self.activation)
 
     def _forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and not self.per_sample and self.mask_groups == 1:
+            return self._compiled_forward(x)
         if not self.training or self.p == 0.0:
             if self.training or self.inference == "mean" or self.p == 0.0:
                 return self._activation(self._product(x, self.weight, self.bias))
@@ -233,6 +237,18 @@ class DropConnectLayer(DropProbability):
             )
             return self._activation(out)
         return self._activation(self._product(x, drop_connect(self.weight, self.p), self.bias))
+
+    def _compiled_forward(self, x: Tensor) -> Tensor:
+        # p comes from the p_tensor buffer, a graph input: a scheduled p does not recompile.
+        # (Per-sample and grouped masks take the eager path, which reads p as a float.)
+        if self.training:
+            weight = traceable_dropout(
+                self.weight, self.p_tensor, tuple(self.weight.shape), True, True, False
+            )
+            return self._activation(self._product(x, weight, self.bias))
+        if self.inference == "mean":
+            return self._activation(self._product(x, self.weight, self.bias))
+        return self._gaussian_inference(x)
 
     def _all_dropped(self, x: Tensor) -> Tensor:
         # Every weight dropped: the output is the bias alone, exactly, with zero gradients,
@@ -329,7 +345,8 @@ class DropConnectLinear(DropConnectLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         groups = x.shape[0] if self.per_sample and x.dim() > 1 else self.mask_groups
-        if self.training and 0.0 < self.p < 1.0 and (self.per_sample or groups > 1):
+        fast = self.training and (self.per_sample or groups > 1) and not torch.compiler.is_compiling()
+        if fast and 0.0 < self.p < 1.0:
             # On CUDA the masks are regenerated inside the products, never stored.
             out = kernels.fast_drop_connect_linear(x, self.weight, self.bias, self.p, groups)
             if out is not None:

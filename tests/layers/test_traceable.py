@@ -94,3 +94,28 @@ def test_compiled_variants_match_the_eager_rules() -> None:
     assert torch.equal(out, y) and set(y.unique().tolist()) == {0.0, 2.0}
     with pytest.raises(ValueError, match="ambiguous"):
         compile_(ld.Dropout2d(0.5), backend="aot_eager")(torch.ones(2, 3, 4))
+
+
+def test_compiled_drop_connect_layers_follow_the_new_p_without_recompiling() -> None:
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    linear = ld.DropConnectLinear(200, 50, bias=False, p=0.0)
+    conv = ld.DropConnectConv2d(4, 8, 3, bias=False, p=0.0)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+        conv.weight.fill_(1.0)
+    compiled_linear = torch.compile(linear, backend=backend)
+    compiled_conv = torch.compile(conv, backend=backend)
+    x = torch.eye(200)  # row i of the output is column i of the masked weight
+    for p in (0.0, 0.3, 0.6, 1.0):
+        linear.p = conv.p = p
+        weight = compiled_linear(x).T  # (50, 200): the masked, scaled weight
+        n = weight.numel()
+        assert abs((weight == 0).double().mean().item() - p) <= 5 * (p * (1 - p) / n) ** 0.5
+        if p < 1:
+            kept = weight[weight != 0]
+            torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)))
+        assert compiled_conv(torch.ones(2, 4, 5, 5)).shape == (2, 8, 3, 3)
+    linear.eval()
+    assert torch.equal(compiled_linear(x), linear.weight.T.detach())  # plain weights at eval
+    assert backend.frame_count <= 3  # train graphs of both layers (+ the eval one), reused for every p
