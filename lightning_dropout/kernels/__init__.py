@@ -19,7 +19,13 @@ from torch import Tensor
 
 from lightning_dropout.kernels import cpu, reference
 
-__all__ = ["channel_dropout", "dropout", "fast_drop_connect_linear", "gaussian_dropout"]
+__all__ = [
+    "channel_dropout",
+    "dropout",
+    "fast_drop_connect_linear",
+    "gaussian_dropout",
+    "group_masked_weights",
+]
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests running the kernels in Triton's interpreter add "cpu".
@@ -83,6 +89,14 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
         return triton_kernels.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
+
+
+def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:
+    """``groups`` independent DropConnect copies of ``weight`` (inverted scaling, ``0 < p < 1``),
+    masks drawn from ``generator`` so that a checkpointed chunk can regenerate them."""
+    if weight.device.type == "cpu":
+        return cpu.group_masked_weights(weight, groups, p, generator)
+    return reference.group_masked_weights(weight, groups, p, generator)
 
 
 def fast_drop_connect_linear(

@@ -42,3 +42,11 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     """Multiplicative Gaussian noise: ``x * (1 + sigma * eps)``, eps ~ N(0, 1)."""
     noise = torch.randn_like(x).mul_(sigma).add_(1.0)
     return x * noise
+
+
+def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:
+    """``groups`` independent DropConnect copies of ``weight`` (inverted scaling), masks
+    drawn from ``generator``: shape ``(groups, *weight.shape)``."""
+    mask = torch.empty((groups, *weight.shape), dtype=weight.dtype, device=weight.device)
+    mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+    return weight * mask

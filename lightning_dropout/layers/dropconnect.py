@@ -31,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_dropout import kernels
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int, check_probability
-from lightning_dropout.kernels import cpu as cpu_kernels
 from lightning_dropout.layers.base import DropProbability
 from lightning_dropout.layers.dropout import zeros_like_connected
 from lightning_dropout.layers.traceable import traceable_dropout
@@ -113,11 +112,7 @@ def _masked_group_product(
 ) -> Tensor:
     generator = torch.Generator(device=weight.device)
     generator.manual_seed(seed)
-    if weight.device.type == "cpu":
-        return product(x, cpu_kernels.group_masked_weights(weight, x.shape[0], p, generator), bias)
-    mask = torch.empty((x.shape[0], *weight.shape), dtype=weight.dtype, device=weight.device)
-    mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
-    return product(x, weight * mask, bias)
+    return product(x, kernels.group_masked_weights(weight, x.shape[0], p, generator), bias)
 
 
 def grouped_drop_connect(
