@@ -7,11 +7,14 @@ reproduces masks whichever path runs. Nothing here validates arguments: the laye
 
 CUDA tensors (fp32, bf16, fp16) go to the Triton kernels of :mod:`.triton_dropout` when
 Triton imports: they keep no mask for backward. In-place calls and other dtypes take the
-reference path.
+reference path. Compiled layers pass p as a 0-d device tensor (the ``*_with_p_tensor``
+functions): the Triton kernels take it as it is; where they do not apply, those functions
+return None and the layer writes the rule in torch ops.
 """
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -22,8 +25,10 @@ from lightning_dropout.kernels import cpu, reference
 __all__ = [
     "channel_dropout",
     "dropout",
+    "dropout_with_p_tensor",
     "fast_drop_connect_linear",
     "gaussian_dropout",
+    "gaussian_dropout_with_p_tensor",
     "group_masked_weights",
 ]
 
@@ -45,13 +50,16 @@ def _import_triton_kernels() -> tuple[ModuleType | None, ModuleType | None]:
 triton_kernels, triton_drop_connect = _import_triton_kernels()
 
 
+def _fits_triton(x: Tensor) -> bool:
+    return x.device.type in TRITON_DEVICES and x.dtype in TRITON_DTYPES
+
+
 def _on_triton(x: Tensor, p: float, scale: float, inplace: bool) -> bool:
     # The kernels derive the scale from p on the device: 1 / (1 - p) or 1.
     return (
         triton_kernels is not None
-        and x.device.type in TRITON_DEVICES
+        and _fits_triton(x)
         and not inplace
-        and x.dtype in TRITON_DTYPES
         and p < 1.0
         and (scale == 1.0 or scale == 1.0 / (1.0 - p))
     )
@@ -89,6 +97,49 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
         return triton_kernels.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
+
+
+def dropout_with_p_tensor(x: Tensor, p: Tensor, inverted: bool, channel_dims: int = 0) -> Tensor | None:
+    """Training-mode dropout of ``x`` with ``p`` a 0-d tensor, on a kernel that keeps no mask.
+
+    For compiled layers: p stays on the device (any value in [0, 1], never read on the
+    host), so a new p recompiles nothing. None where no such kernel exists for ``x``: the
+    caller then computes it itself.
+
+    Args:
+        x: the input.
+        p: 0-d tensor, the drop probability.
+        inverted: scale kept entries by ``1 / (1 - p)``.
+        channel_dims: 0 for element dropout, 2 for channels of a batched ``(N, C, *)``
+            input, 1 for channels of an unbatched ``(C, *)`` one.
+
+    Example:
+        >>> dropout_with_p_tensor(torch.ones(3), torch.tensor(0.5), True) is None  # CPU
+        True
+    """
+    if triton_kernels is None or not _fits_triton(x):
+        return None
+    if channel_dims == 0:
+        return triton_kernels.dropout(x, p, inverted)
+    if channel_dims == 1:
+        return triton_kernels.channel_dropout(x.unsqueeze(0), p, inverted).squeeze(0)
+    return triton_kernels.channel_dropout(x, p, inverted)
+
+
+def gaussian_dropout_with_p_tensor(x: Tensor, p: Tensor) -> Tensor | None:
+    """N(1, p / (1 - p)) noise with ``p`` a 0-d tensor (zeros at p = 1), or None.
+
+    The counterpart of :func:`dropout_with_p_tensor` for Gaussian dropout.
+
+    Example:
+        >>> gaussian_dropout_with_p_tensor(torch.ones(3), torch.tensor(0.5)) is None  # CPU
+        True
+    """
+    if triton_kernels is None or not _fits_triton(x):
+        return None
+    # An infinite noise level at p = 1, which the kernel turns into exact zeros.
+    sigma = torch.where(p < 1.0, p / (1.0 - p), math.inf).sqrt()
+    return triton_kernels.gaussian_dropout(x, sigma)
 
 
 def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:

@@ -105,7 +105,10 @@ def _dropout_kernel(x_ptr, y_ptr, seed_ptr, p_ptr, n, INVERTED: tl.constexpr, BL
 
 @triton.jit
 def _gaussian_kernel(x_ptr, y_ptr, seed_ptr, sigma_ptr, n, BLOCK: tl.constexpr):
+    # An infinite sigma (p = 1 of the matching Bernoulli dropout) drops everything.
     sigma = tl.load(sigma_ptr).to(tl.float32)
+    finite = sigma < float("inf")
+    sigma = tl.where(finite, sigma, 0.0)
     program = tl.program_id(0).to(tl.int64)
     n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), program * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
     # The factor is formed first, so the output for x = 1 is exactly the factor.
@@ -113,7 +116,8 @@ def _gaussian_kernel(x_ptr, y_ptr, seed_ptr, sigma_ptr, n, BLOCK: tl.constexpr):
     index = program * BLOCK + tl.arange(0, BLOCK)
     inside = index < n
     x = tl.load(x_ptr + index, mask=inside)
-    tl.store(y_ptr + index, (x.to(tl.float32) * factor).to(y_ptr.dtype.element_ty), mask=inside)
+    y = tl.where(finite, x.to(tl.float32) * factor, 0.0)
+    tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -337,7 +341,8 @@ def gaussian_dropout(x: Tensor, sigma: float | Tensor, seed: Tensor | None = Non
 
     Args:
         x: fp32, bf16 or fp16 input of any shape and layout.
-        sigma: standard deviation of the noise, a float or a 0-d tensor.
+        sigma: standard deviation of the noise, a float or a 0-d tensor; ``inf`` gives
+            exact zeros (the limit p = 1 of the matching Bernoulli dropout).
         seed: as in :func:`dropout`.
 
     Example:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,11 @@ def check_floating(x: Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def _float64_bits(value: float) -> int:
+    """The IEEE-754 bits of ``value`` as a float64, read as a signed 64-bit integer."""
+    return int(struct.unpack("<q", struct.pack("<d", value))[0])
+
+
 class DropProbability:
     """Mixin of every dropout-family layer of this package: a validated, mutable ``p``.
 
@@ -27,15 +34,18 @@ class DropProbability:
     steps, as a scheduler does; every assignment is validated. Being an instance of this
     class is what makes a module one of this package's dropout layers.
 
-    ``p`` is mirrored in ``p_tensor``, a 0-d float32 buffer (registered by
-    :meth:`_register_p_tensor`) that follows the module across devices but stays out of
-    the ``state_dict``. Under torch.compile the layers read the tensor (see
+    ``p`` is mirrored on the layer's device: :attr:`p_tensor` is ``p`` as a 0-d float64
+    tensor, read from a non-persistent buffer (registered by :meth:`_register_p_tensor`)
+    that follows the module across devices but stays out of the ``state_dict``. Under
+    torch.compile the layers read that tensor (see
     :mod:`lightning_dropout.layers.traceable`), so a ``p`` that changes between steps is a
-    graph input instead of a constant that forces a recompile.
+    graph input instead of a constant that forces a recompile. The buffer holds the
+    float64's bits as an int64 because ``Module.to(dtype)`` and ``.half()`` cast every
+    floating-point buffer: a bf16 mirror would turn ``p = 0.3`` into 0.30078.
     """
 
     _p: float
-    p_tensor: Tensor
+    p_bits: Tensor
 
     @property
     def p(self) -> float:
@@ -44,19 +54,25 @@ class DropProbability:
     @p.setter
     def p(self, value: float) -> None:
         self._p = check_probability("p", value)
-        buffer = getattr(self, "p_tensor", None)
+        buffer = getattr(self, "p_bits", None)
         if buffer is None:
             return
+        bits = _float64_bits(self._p)
         if buffer.is_inference() and not torch.is_inference_mode_enabled():
             # A layer built under inference_mode holds an inference tensor, which cannot be
             # updated in place outside it.
-            self.p_tensor = torch.full((), self._p, dtype=buffer.dtype, device=buffer.device)
+            self.p_bits = torch.full((), bits, dtype=torch.int64, device=buffer.device)
         else:
-            buffer.fill_(self._p)  # a buffer without grad: no autograd bookkeeping needed
+            buffer.fill_(bits)  # a buffer without grad: no autograd bookkeeping needed
+
+    @property
+    def p_tensor(self) -> Tensor:
+        """``p`` as a 0-d float64 tensor on the layer's device (a view, no copy)."""
+        return self.p_bits.view(torch.float64)
 
     def _register_p_tensor(self) -> None:
         assert isinstance(self, nn.Module)
-        self.register_buffer("p_tensor", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("p_bits", torch.zeros((), dtype=torch.int64), persistent=False)
 
 
 class DropoutBase(DropProbability, nn.Module):

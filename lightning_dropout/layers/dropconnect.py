@@ -237,9 +237,7 @@ class DropConnectLayer(DropProbability):
         # p comes from the p_tensor buffer, a graph input: a scheduled p does not recompile.
         # (Per-sample and grouped masks take the eager path, which reads p as a float.)
         if self.training:
-            weight = traceable_dropout(
-                self.weight, self.p_tensor, tuple(self.weight.shape), True, True, False
-            )
+            weight = traceable_dropout(self.weight, self.p_tensor, True, True, False)
             return self._activation(self._product(x, weight, self.bias))
         if self.inference == "mean":
             return self._activation(self._product(x, self.weight, self.bias))

@@ -102,7 +102,7 @@ class Dropout(DropoutBase):
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             check_floating(x)
-            return traceable_dropout(x, self.p_tensor, x.shape, self.training, self.inverted, self.inplace)
+            return traceable_dropout(x, self.p_tensor, self.training, self.inverted, self.inplace)
         return dropout(x, self.p, self.training, self.inverted, self.inplace)
 
     def extra_repr(self) -> str:

@@ -125,8 +125,9 @@ class _ChannelDropout(DropoutBase):
         if torch.compiler.is_compiling():
             check_floating(x)
             channel_dims = 2 if _is_batched(x, self.spatial_dims, self.batched) else 1
-            mask_shape = (*x.shape[:channel_dims], *([1] * self.spatial_dims))
-            return traceable_dropout(x, self.p_tensor, mask_shape, self.training, self.inverted, self.inplace)
+            return traceable_dropout(
+                x, self.p_tensor, self.training, self.inverted, self.inplace, channel_dims
+            )
         return channel_dropout(
             x, self.p, self.training, self.spatial_dims, self.inverted, self.inplace, self.batched
         )

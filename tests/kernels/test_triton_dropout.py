@@ -270,3 +270,79 @@ def test_dispatch_routes_layers_to_the_kernels(monkeypatch: pytest.MonkeyPatch) 
     in_place = Dropout(0.3, inplace=True)(x.clone())  # the reference path
     torch.manual_seed(5)
     assert not torch.equal(in_place, td.dropout(x, 0.3))
+
+
+def _compiled_op_names(monkeypatch: pytest.MonkeyPatch) -> tuple[object, list[str]]:
+    """A torch.compile backend (aot_eager) that records the ops of each graph it gets."""
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(kernels, "triton_kernels", td)
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    names: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        names.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return counter(graph, inputs)
+
+    backend.counter = counter  # type: ignore[attr-defined]
+    return backend, names
+
+
+def test_compiled_layers_call_the_kernels_and_follow_p_without_recompiling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend, names = _compiled_op_names(monkeypatch)
+    layers = {
+        "triton_dropout": Dropout(0.0),
+        "triton_channel_dropout": Dropout2d(0.0),
+        "triton_gaussian_dropout": GaussianDropout(0.0),
+    }
+    compiled = {op: torch.compile(layer, backend=backend) for op, layer in layers.items()}
+    for p in (0.0, 0.3, 0.8, 1.0):
+        for op, layer in layers.items():
+            layer.p = p
+            x = torch.randn(6, 5, 4, 4, requires_grad=True)
+            out = compiled[op](x)
+            out.backward(torch.ones_like(out))
+            assert x.grad is not None
+            # The gradient is the factor the kernel applied, regenerated from the seed.
+            assert torch.equal(out, expected_dropout(x.detach(), x.grad)), (op, p)
+            if op != "triton_gaussian_dropout":
+                kept = {0.0, float(torch.tensor(1 / (1 - p)))} if p < 1 else {0.0}
+                assert set(x.grad.unique().tolist()) <= kept
+            if op == "triton_channel_dropout":
+                assert torch.equal(x.grad, x.grad[:, :, :1, :1].expand_as(x.grad))
+            if p == 0.0:
+                assert torch.equal(out, x)
+            if p == 1.0:
+                assert not out.any() and not x.grad.any()
+    for op in layers:
+        assert f"lightning_dropout.{op}.default" in names
+    assert backend.counter.frame_count == 3  # type: ignore[attr-defined]  # one graph per layer
+
+
+def test_compiled_unbatched_channels_and_drop_connect_use_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning_dropout import DropConnectLinear
+
+    backend, names = _compiled_op_names(monkeypatch)
+    unbatched = torch.compile(Dropout2d(0.5, batched=False), backend=backend)
+    out = unbatched(torch.ones(7, 3, 3))
+    assert torch.equal(out, out[:, :1, :1].expand_as(out)) and set(out.unique().tolist()) <= {0.0, 2.0}
+    assert "lightning_dropout.triton_channel_dropout.default" in names
+    names.clear()
+    layer = DropConnectLinear(64, 32, p=0.5, bias=False)
+    out = torch.compile(layer, backend=backend)(torch.eye(64))
+    assert "lightning_dropout.triton_dropout.default" in names
+    assert set(out.t().div(layer.weight.detach()).unique().tolist()) <= {0.0, 2.0}
+
+
+def test_compiled_in_place_dropout_keeps_the_torch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, names = _compiled_op_names(monkeypatch)
+    x = torch.ones(5, 8)
+    torch.compile(Dropout(0.5, inplace=True), backend=backend)(x)
+    assert set(x.unique().tolist()) <= {0.0, 2.0} and (x == 0).any()
+    assert not any(name.startswith("lightning_dropout.") for name in names)

@@ -54,17 +54,40 @@ def test_compiled_layers_follow_the_new_p_without_recompiling() -> None:
 def test_p_tensor_mirrors_p_and_stays_out_of_the_state_dict() -> None:
     layer = ld.Dropout(0.3)
     layer.p = 0.7
-    assert layer.p_tensor.item() == pytest.approx(0.7) and layer.p == 0.7
-    assert list(layer.state_dict()) == [] and [n for n, _ in layer.named_buffers()] == ["p_tensor"]
+    assert layer.p_tensor.item() == 0.7 and layer.p == 0.7  # float64: p itself
+    assert layer.p_tensor.dtype == torch.float64
+    assert list(layer.state_dict()) == [] and [n for n, _ in layer.named_buffers()] == ["p_bits"]
     with pytest.raises(ValueError, match="p must be in"):
         layer.p = 1.5
-    assert layer.p_tensor.item() == pytest.approx(0.7)
+    assert layer.p_tensor.item() == 0.7
     with torch.inference_mode():
         built_for_inference = ld.Dropout2d(0.1)
     built_for_inference.p = 0.2
-    assert built_for_inference.p_tensor.item() == pytest.approx(0.2)
-    assert [n for n, _ in built_for_inference.named_buffers()] == ["p_tensor"]
+    assert built_for_inference.p_tensor.item() == 0.2
+    assert [n for n, _ in built_for_inference.named_buffers()] == ["p_bits"]
     assert list(built_for_inference.state_dict()) == []
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
+def test_p_tensor_survives_a_dtype_cast_of_the_model(cast: object) -> None:
+    """Module.to(dtype) casts floating buffers: a bf16 mirror would read 0.3 as 0.30078."""
+    model = nn.Sequential(nn.Linear(3, 3), ld.Dropout(0.3), ld.DropConnectLinear(3, 3, p=0.3))
+    cast(model)  # type: ignore[operator]
+    assert model[1].p_tensor.item() == 0.3 and model[2].p_tensor.item() == 0.3
+    model[1].p = 0.1
+    assert model[1].p_tensor.item() == 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_low_precision_layers_drop_at_p_not_at_p_rounded(dtype: torch.dtype) -> None:
+    """bf16 random numbers (8 bits) would drop a fraction 0.301 at p = 0.3: 5+ sigmas off here."""
+    torch._dynamo.reset()
+    n = 4_000_000
+    layer = ld.Dropout(0.3).to(dtype)
+    out = torch.compile(layer, backend="aot_eager")(torch.ones(n, dtype=dtype))
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - 0.3) <= 5 * (0.3 * 0.7 / n) ** 0.5
+    assert set(out.unique().tolist()) <= {0.0, torch.tensor(1 / 0.7, dtype=dtype).item()}
 
 
 def test_compiled_p_one_gives_finite_zero_gradients() -> None:
