@@ -14,10 +14,12 @@ Sections (each is recorded even if a later one fails):
    and backward; per-sample DropConnect against a float64 product of its masks;
 2. bytes saved for backward per element, ours and torch's;
 3. torch.compile (inductor) keeps the op in one graph and a changing ``p`` recompiles
-   nothing; ``torch.utils.checkpoint`` recomputation draws the same mask;
+   nothing, called directly and through the compiled layers; ``torch.utils.checkpoint``
+   recomputation draws the same mask;
 4. time at 2**28 elements, interleaved with torch and a device copy (the floor), medians,
    the input's ``.grad`` reset every iteration;
-5. peak memory of a bf16 width-8192 MLP training step with our dropout and torch's;
+5. peak memory of a bf16 width-8192 MLP training step with our dropout and torch's,
+   eager and compiled;
 6. per-sample DropConnect at B = 256, 4096 x 4096, bf16 against a plain linear layer.
 """
 
@@ -45,9 +47,15 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_dropout import Dropout  # noqa: E402
+from lightning_dropout import Dropout, Dropout2d, GaussianDropout  # noqa: E402
 from lightning_dropout.kernels import triton_dropconnect as tdc  # noqa: E402
 from lightning_dropout.kernels import triton_dropout as td  # noqa: E402
+
+if SMOKE:  # route the layers to the kernels on CPU tensors, as they are routed on CUDA
+    from lightning_dropout import kernels
+
+    kernels.triton_kernels, kernels.triton_drop_connect = td, tdc
+    kernels.TRITON_DEVICES = ("cuda", "cpu")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS: dict[str, Any] = {}
@@ -245,6 +253,41 @@ def compile_and_checkpoint() -> dict[str, Any]:
         "unique graphs after p = 0.1, 0.3, 0.7": graphs,
         "no recompile when p changes": graphs[0] == graphs[-1],
         "checkpoint recomputation gives the same gradient": bool(torch.equal(x.grad, plain)),
+        **compiled_layers(backend),
+    }
+
+
+def compiled_layers(backend_name: str) -> dict[str, Any]:
+    """The package's layers compiled as a user compiles them: the custom ops in the graph,
+    one graph while a scheduler changes p, outputs and gradients from one regenerated mask."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch._dynamo.reset()
+    compiled_backend = lookup_backend(backend_name)
+    ops: set[str] = set()
+    graph_count = [0]
+
+    def recording(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        graph_count[0] += 1
+        ops.update(str(n.target) for n in graph.graph.nodes if str(n.target).startswith("lightning_dropout."))
+        return compiled_backend(graph, inputs)
+
+    layers = [Dropout(0.1), Dropout2d(0.1), GaussianDropout(0.1)]
+    compiled = [torch.compile(layer, backend=recording) for layer in layers]
+    consistent = True
+    for p in (0.0, 0.1, 0.3, 0.7, 1.0):
+        for layer, run in zip(layers, compiled, strict=True):
+            layer.p = p
+            x = torch.ones(8, 16, 33, 7, device=device(), requires_grad=True)
+            out = run(x)
+            out.backward(torch.ones_like(out))
+            consistent &= bool(torch.equal(out, x.grad))  # on ones both are the factor
+            if p == 1.0:
+                consistent &= not out.any()
+    return {
+        "compiled layers: custom ops in their graphs": sorted(ops),
+        "compiled layers: graphs for 3 layers x 5 values of p": graph_count[0],
+        "compiled layers: output equals the regenerated gradient factor": consistent,
     }
 
 
@@ -382,19 +425,22 @@ def mlp_memory() -> dict[str, Any]:
     width, batch, hidden = (8192, 8192, 4) if not SMOKE else (64, 32, 2)
     dtype = torch.bfloat16 if not SMOKE else torch.float32
     results: dict[str, Any] = {"width": width, "batch": batch, "hidden_layers": hidden, "dtype": str(dtype)}
-    for name, make in [
-        ("torch nn.Dropout", lambda: torch.nn.Dropout(0.5)),
-        ("ours Dropout", lambda: Dropout(0.5)),
+    for name, make, compiled in [
+        ("torch nn.Dropout", lambda: torch.nn.Dropout(0.5), False),
+        ("ours Dropout", lambda: Dropout(0.5), False),
+        ("torch nn.Dropout, compiled", lambda: torch.nn.Dropout(0.5), True),
+        ("ours Dropout, compiled", lambda: Dropout(0.5), True),
     ]:
         layers: list[torch.nn.Module] = []
         for _ in range(hidden):
             layers += [torch.nn.Linear(width, width), torch.nn.ReLU(), make()]
         model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1)).to(device(), dtype)
         x = torch.randn(batch, width, device=device(), dtype=dtype)
+        forward = torch.compile(model, backend="aot_eager" if SMOKE else "inductor") if compiled else model
 
-        def step(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+        def step(model: torch.nn.Module = model, forward: Any = forward, x: torch.Tensor = x) -> None:
             model.zero_grad(set_to_none=False)
-            model(x).float().square().mean().backward()
+            forward(x).float().square().mean().backward()
 
         if name == "ours Dropout":
             results["ours dropout on the Triton path"] = not SMOKE and uses_triton(model, x)
@@ -402,10 +448,11 @@ def mlp_memory() -> dict[str, Any]:
         del model, x
     mask_bytes = hidden * batch * width  # torch keeps one bool per element per dropout
     results["expected difference (torch's masks) bytes"] = mask_bytes
-    torch_peak = results["torch nn.Dropout peak bytes above steady state"]
-    ours_peak = results["ours Dropout peak bytes above steady state"]
-    if torch_peak is not None and ours_peak is not None:
-        results["measured difference bytes"] = torch_peak - ours_peak
+    for suffix in ("", ", compiled"):
+        torch_peak = results[f"torch nn.Dropout{suffix} peak bytes above steady state"]
+        ours_peak = results[f"ours Dropout{suffix} peak bytes above steady state"]
+        if torch_peak is not None and ours_peak is not None:
+            results[f"measured difference{suffix} bytes"] = torch_peak - ours_peak
     return results
 
 
