@@ -151,7 +151,7 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
 
 
 def fast_drop_connect_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, p: float, groups: int
+    x: Tensor, weight: Tensor, bias: Tensor | None, p: float | Tensor, groups: int
 ) -> Tensor | None:
     """``F.linear`` with one DropConnect mask per group of the batch on a fast path, or None.
 
@@ -163,7 +163,8 @@ def fast_drop_connect_linear(
         x: input (B, ..., in_features).
         weight: (out_features, in_features).
         bias: (out_features,) or None.
-        p: drop probability in (0, 1).
+        p: drop probability, a float in (0, 1) or a 0-d tensor in [0, 1] (compiled
+            layers: a new value recompiles nothing).
         groups: number of equal groups of the batch with independent masks (B: per sample).
 
     Raises:

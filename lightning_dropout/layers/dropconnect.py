@@ -338,12 +338,15 @@ class DropConnectLinear(DropConnectLayer, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         groups = x.shape[0] if self.per_sample and x.dim() > 1 else self.mask_groups
-        fast = self.training and (self.per_sample or groups > 1) and not torch.compiler.is_compiling()
-        if fast and 0.0 < self.p < 1.0:
-            # On CUDA the masks are regenerated inside the products, never stored.
-            out = kernels.fast_drop_connect_linear(x, self.weight, self.bias, self.p, groups)
-            if out is not None:
-                return self._activation(out)
+        if self.training and (self.per_sample or groups > 1):
+            # On CUDA the masks are regenerated inside the products, never stored. Compiled,
+            # p is read from the device (any p in [0, 1], no recompile when it changes).
+            compiling = torch.compiler.is_compiling()
+            if compiling or 0.0 < self.p < 1.0:
+                p = self.p_tensor if compiling else self.p
+                out = kernels.fast_drop_connect_linear(x, self.weight, self.bias, p, groups)
+                if out is not None:
+                    return self._activation(out)
         return self._forward(x)
 
     def extra_repr(self) -> str:

@@ -123,3 +123,36 @@ def test_layer_uses_the_kernel_for_per_sample_masks(monkeypatch: pytest.MonkeyPa
     through_layer = layer(x)
     torch.manual_seed(2)
     assert torch.equal(through_layer, dc.drop_connect_linear(x, layer.weight, layer.bias, 0.5, groups=2))
+
+
+def test_compiled_per_sample_layer_calls_the_kernel_and_follows_p(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(kernels, "triton_drop_connect", dc)
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    ops: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return counter(graph, inputs)
+
+    layer = DropConnectLinear(16, 8, p=0.0, bias=False, per_sample=True)
+    compiled = torch.compile(layer, backend=backend)
+    x = torch.eye(16).repeat(3, 1)  # 48 one-hot rows: each output row reads one mask column
+    for p in (0.0, 0.4, 1.0):
+        layer.p = p
+        out = compiled(x)
+        weights = layer.weight.detach().t().repeat(3, 1)
+        kept = out != 0
+        scale = float(torch.tensor(1 / (1 - p))) if p < 1 else 0.0
+        assert torch.equal(out, torch.where(kept, weights * scale, 0.0)), p
+        assert abs(kept.double().mean().item() - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / kept.numel())
+        if p == 0.4:  # independent masks per sample: the 3 copies of each row differ
+            copies = kept.reshape(3, 16, 8)
+            assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
+    assert "lightning_dropout.triton_drop_connect_linear.default" in ops
+    assert counter.frame_count == 1
