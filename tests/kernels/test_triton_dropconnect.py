@@ -156,3 +156,23 @@ def test_compiled_per_sample_layer_calls_the_kernel_and_follows_p(
             assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
     assert "lightning_dropout.triton_drop_connect_linear.default" in ops
     assert counter.frame_count == 1
+
+
+def test_fp16_products_accumulate_in_fp32() -> None:
+    seed = torch.tensor(11)
+    x = torch.randn(4, 70).half().requires_grad_(True)
+    w = torch.randn(9, 70).half().requires_grad_(True)
+    y = dc.drop_connect_linear(x, w, None, 0.3, seed=seed)
+    assert y.dtype == torch.float16
+    masked = w.detach().double()[None] * regenerated_mask(4, 9, 70, 0.3, seed)
+    expected = torch.einsum("bi,boi->bo", x.detach().double(), masked)
+    # fp32 accumulation, one rounding to fp16: within fp16's own resolution of the result
+    torch.testing.assert_close(y.double(), expected, rtol=1e-3, atol=1e-3)
+    grad = torch.randn(4, 9).half()
+    grad_x, grad_w = torch.autograd.grad(y, (x, w), grad)
+    torch.testing.assert_close(
+        grad_x.double(), torch.einsum("bo,boi->bi", grad.double(), masked), rtol=1e-3, atol=1e-3
+    )
+    mask = regenerated_mask(4, 9, 70, 0.3, seed)
+    expected_w = torch.einsum("bo,bi,boi->oi", grad.double(), x.detach().double(), mask)
+    torch.testing.assert_close(grad_w.double(), expected_w, rtol=1e-3, atol=1e-3)

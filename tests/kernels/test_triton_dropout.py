@@ -346,3 +346,33 @@ def test_compiled_in_place_dropout_keeps_the_torch_rule(monkeypatch: pytest.Monk
     torch.compile(Dropout(0.5, inplace=True), backend=backend)(x)
     assert set(x.unique().tolist()) <= {0.0, 2.0} and (x == 0).any()
     assert not any(name.startswith("lightning_dropout.") for name in names)
+
+
+def assert_matches_fp32_product(out: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> None:
+    """``out`` is the fp32 product ``x * factor`` (the kernel's arithmetic) cast to ``out``'s
+    dtype: exactly for fp16; for bf16 the zeros exactly and the values within one unit in
+    the last place, because the interpreter truncates bf16 where the GPU rounds (the GPU
+    script compares bf16 exactly)."""
+    product = x.float() * factor
+    expected = product.to(out.dtype)
+    if out.dtype == torch.bfloat16:
+        assert torch.equal(out == 0, expected == 0)
+        ulp = torch.finfo(torch.bfloat16).eps * product.abs()
+        assert bool(((out.float() - product).abs() <= ulp).all())
+    else:
+        assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kernels_apply_the_fp32_mask(dtype: torch.dtype) -> None:
+    """Half-precision inputs meet the same mask as fp32 ones (the mask depends on the seed and
+    the position only), scaled in fp32."""
+    x = torch.randn(6, 5, 3, 7).to(dtype).requires_grad_(True)
+    for function, rate in [(td.dropout, 0.3), (td.channel_dropout, 0.3), (td.gaussian_dropout, 0.7)]:
+        y = function(x, rate, seed=seed_of(9))  # type: ignore[operator]
+        factor = function(torch.ones(x.shape), rate, seed=seed_of(9))  # type: ignore[operator]
+        assert y.dtype == dtype
+        assert_matches_fp32_product(y.detach(), x.detach(), factor)
+        grad = torch.randn(x.shape).to(dtype)
+        (x_grad,) = torch.autograd.grad(y, x, grad)
+        assert_matches_fp32_product(x_grad, grad, factor)
