@@ -47,13 +47,11 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lightning_dropout import Dropout, Dropout2d, GaussianDropout  # noqa: E402
+from lightning_dropout import DropConnectLinear, Dropout, Dropout2d, GaussianDropout, kernels  # noqa: E402
 from lightning_dropout.kernels import triton_dropconnect as tdc  # noqa: E402
 from lightning_dropout.kernels import triton_dropout as td  # noqa: E402
 
 if SMOKE:  # route the layers to the kernels on CPU tensors, as they are routed on CUDA
-    from lightning_dropout import kernels
-
     kernels.triton_kernels, kernels.triton_drop_connect = td, tdc
     kernels.TRITON_DEVICES = ("cuda", "cpu")
 
@@ -487,9 +485,40 @@ def drop_connect() -> dict[str, Any]:
         mask = torch.empty_like(w).bernoulli_(0.5)
         F.linear(x, w * mask * 2.0, b).backward(grad)
 
-    times = time_interleaved(
-        {"plain linear": plain, "one mask per batch": one_mask, "ours per-sample": ours}, 3, 1
-    )
+    rows_per_mask = 16 if not SMOKE else 2  # where the layers take the eager path instead of the op
+    groups = batch // rows_per_mask
+
+    def ours_grouped() -> None:
+        x.grad = w.grad = b.grad = None
+        tdc.drop_connect_linear(x, w, b, 0.5, groups=groups).backward(grad)
+
+    per_sample_layer = DropConnectLinear(features, features, p=0.5, per_sample=True, device=dev, dtype=dtype)
+    grouped_layer = DropConnectLinear(features, features, p=0.5, device=dev, dtype=dtype)
+    grouped_layer.mask_groups = groups
+
+    def eager(layer: torch.nn.Module) -> Callable[[], None]:
+        # The layer without the Triton op: masked weights materialised per chunk of groups,
+        # products on tensor cores, each chunk's masks regenerated in backward.
+        def run() -> None:
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            saved, kernels.triton_drop_connect = kernels.triton_drop_connect, None
+            try:
+                layer(x).backward(grad)
+            finally:
+                kernels.triton_drop_connect = saved
+
+        return run
+
+    cases = {
+        "plain linear": plain,
+        "one mask per batch": one_mask,
+        "ours per-sample": ours,
+        "eager per-sample": eager(per_sample_layer),
+        f"ours {groups} groups": ours_grouped,
+        f"eager {groups} groups": eager(grouped_layer),
+    }
+    times = time_interleaved(cases, 3, 1)
     return {
         "batch": batch,
         "features": features,
@@ -497,8 +526,15 @@ def drop_connect() -> dict[str, Any]:
         "ms fwd+bwd": {k: round(v, 4) for k, v in times.items()},
         "ratio ours / plain (target <= 8)": round(times["ours per-sample"] / times["plain linear"], 2),
         "ratio one mask / plain": round(times["one mask per batch"] / times["plain linear"], 2),
+        "ratio ours / eager per-sample (< 1: the op should stay on for one row per mask)": round(
+            times["ours per-sample"] / times["eager per-sample"], 2
+        ),
+        f"ratio ours / eager at {rows_per_mask} rows per mask (> 1: eager is right there)": round(
+            times[f"ours {groups} groups"] / times[f"eager {groups} groups"], 2
+        ),
         "peak bytes plain": peak_memory(plain),
         "peak bytes ours": peak_memory(ours),
+        "peak bytes eager per-sample": peak_memory(eager(per_sample_layer)),
     }
 
 

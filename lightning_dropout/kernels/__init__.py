@@ -150,14 +150,22 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
     return reference.group_masked_weights(weight, groups, p, generator)
 
 
+# The Triton DropConnect op regenerates a group's mask for every row of the group, on CUDA
+# cores; the layers' own path materialises each group's masked weight once (in chunks) and
+# multiplies on tensor cores. By instruction counts (benchmarks/NOTES.md) the op does less
+# work only with one row per mask, i.e. per-sample masks of a 2-D input. To be measured:
+# benchmarks/gpu_check.py times both at 1 and 16 rows per mask.
+TRITON_MAX_ROWS_PER_MASK = 1
+
+
 def fast_drop_connect_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, p: float | Tensor, groups: int
 ) -> Tensor | None:
     """``F.linear`` with one DropConnect mask per group of the batch on a fast path, or None.
 
     None means no fast path exists for these tensors: the caller computes it itself. The
-    Triton path (CUDA, fp32 / bf16 / fp16) regenerates each mask inside the forward and
-    both backward products instead of storing it.
+    Triton path (CUDA, fp32 / bf16 / fp16, one input row per mask) regenerates each mask
+    inside the forward and both backward products instead of storing it.
 
     Args:
         x: input (B, ..., in_features).
@@ -180,6 +188,7 @@ def fast_drop_connect_linear(
         or x.dtype not in TRITON_DTYPES
         or weight.dtype != x.dtype
         or x.dim() < 2
+        or x.numel() > groups * x.shape[-1] * TRITON_MAX_ROWS_PER_MASK
     ):
         return None
     return triton_drop_connect.drop_connect_linear(x, weight, bias, p, groups)

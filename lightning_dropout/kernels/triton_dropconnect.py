@@ -4,12 +4,19 @@
 ``y[r] = bias + x[r] (W * M[g(r)] / (1 - p))^T``, where row ``r`` of the flattened input
 belongs to mask group ``g(r) = r // rows_per_mask`` (``rows_per_mask = 1`` is per-sample
 DropConnect, Wan et al., ICML 2013). The mask entry ``M[g, o, i]`` is regenerated where it
-is needed, in the forward product and in both backward products, from (seed, g, o, i):
-Philox counter ``((g * O + o) * tiles + i // K_TILE) * QUARTER + i % QUARTER`` (within
-the tile), lane ``(i % K_TILE) // QUARTER``; a 32-bit draw below ``p * 2**32`` drops the
-weight. Nothing of size ``groups * O * I`` is ever allocated, so memory stays that of a
-plain linear layer; the cost moves to the random-number generation (one Philox call per
-four weights per group, in each of the three products).
+is needed, in the forward product and in both backward products, from (seed, g, o, i).
+Nothing of size ``groups * O * I`` is ever allocated, so memory stays that of a plain
+linear layer; the cost moves to the random-number generation, done three times.
+
+The mask function. Input tile ``t = i // K_TILE`` of row ``o`` of group ``g`` uses Philox
+counters ``((g * O + o) * tiles + t) * K_TILE / 8 + c``; entry ``i = t * K_TILE + 8 c + k``
+takes the 16-bit half ``k % 2`` (low first) of lane ``k // 2``: eight entries per Philox
+call. The weight is dropped when the 32-bit number whose high half is that draw and whose
+low half is the same half of the same counter in a second Philox stream is below
+``p * 2**32``, the threshold of the element kernels: the rate is p to 2**-32. The second
+stream is computed only for a tile where some draw equals the threshold's high half (a
+2**-16 chance per entry), so the mask costs half the Philox calls of one 32-bit draw per
+entry.
 
 The seed and ``p`` are tensors (see :mod:`.triton_dropout`), so torch.compile keeps the
 op in its graph and a changing ``p`` recompiles nothing.
@@ -34,21 +41,55 @@ _OP_NAMESPACE = "lightning_dropout"
 
 
 @triton.jit
-def _mask_draws(seed, group, out, tile, out_features, tiles, QUARTER: tl.constexpr):
-    # The four draws of the (out, QUARTER) block of input tile `tile` for `group`: lane k
-    # is the mask of the k-th quarter of the tile.
-    lanes = tl.arange(0, QUARTER)
-    counter = ((group * out_features + out)[:, None] * tiles + tile) * QUARTER + lanes[None, :]
-    return tl.randint4x(seed, counter)
+def _philox(seed, counter, stream):
+    # Philox's third counter word separates the main draws (stream 0) from the
+    # tie-breaking ones (stream 1).
+    zero = counter.to(tl.uint32) * 0
+    return tl.philox(seed, counter.to(tl.uint32), (counter >> 32).to(tl.uint32), zero + stream, zero)
 
 
 @triton.jit
-def _forward_quarter(w_ptr, x_row_ptr, out, inp, out_features, in_features, draw, limit, any_kept):
-    inside = (out < out_features)[:, None] & (inp < in_features)[None, :]
-    w = tl.load(w_ptr + out[:, None] * in_features + inp[None, :], mask=inside, other=0.0)
-    x = tl.load(x_row_ptr + inp, mask=inp < in_features, other=0.0)
-    kept = tl.where(any_kept, draw >= limit, False)
-    return tl.sum(tl.where(kept, w.to(tl.float32), 0.0) * x.to(tl.float32)[None, :], axis=1)
+def _in_order(r0, r1, r2, r3, OUT_TILE: tl.constexpr, K_TILE: tl.constexpr):
+    # Eight 16-bit draws per counter: entry (o, 8 * c + k) of the tile takes half k % 2
+    # (low half first) of lane k // 2 of counter c of row o. The nested joins put half k
+    # at position k of each group of eight.
+    p0, p1, p2, p3 = r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16
+    p4, p5, p6, p7 = r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16
+    joined = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tl.reshape(joined, (OUT_TILE, K_TILE))
+
+
+@triton.jit
+def _holds(r, limit_hi):
+    return ((r & 0xFFFF) == limit_hi) | ((r >> 16) == limit_hi)
+
+
+@triton.jit
+def _kept(seed, group, out, tile, out_features, tiles, rule, OUT_TILE, K_TILE):
+    # The (OUT_TILE, K_TILE) keep mask of input tile `tile` for mask group `group` (the
+    # mask function of the module docstring). The tie-breaking stream is generated only
+    # for a tile holding a tie: about 3% of 32 x 64 tiles.
+    limit_hi, limit_lo, any_kept = rule
+    EIGHTH: tl.constexpr = K_TILE // 8
+    counter = ((group * out_features + out)[:, None] * tiles + tile) * EIGHTH + tl.arange(0, EIGHTH)[None, :]
+    r0, r1, r2, r3 = _philox(seed, counter, 0)
+    draw = _in_order(r0, r1, r2, r3, OUT_TILE, K_TILE)
+    keep = draw > limit_hi
+    # Looked for in the counters' own layout, before the draws are spread over the tile.
+    ties = _holds(r0, limit_hi) | _holds(r1, limit_hi) | _holds(r2, limit_hi) | _holds(r3, limit_hi)
+    if tl.max(tl.max(ties.to(tl.int32), axis=1), axis=0) > 0:
+        s0, s1, s2, s3 = _philox(seed, counter, 1)
+        low = _in_order(s0, s1, s2, s3, OUT_TILE, K_TILE)
+        keep = keep | ((draw == limit_hi) & (low >= limit_lo))
+    return tl.where(any_kept, keep, False)
+
+
+@triton.jit
+def _keep_rule_halves(p_ptr):
+    # The element kernels' 32-bit threshold as (high half, low half, anything kept), and
+    # the scale of kept weights.
+    limit, any_kept, scale = _keep_rule(p_ptr, True)
+    return (limit >> 16, limit & 0xFFFF, any_kept), scale
 
 
 @triton.jit
@@ -63,44 +104,38 @@ def _forward_kernel(
     in_features,
     rows_per_mask,
     HAS_BIAS: tl.constexpr,
+    EVEN: tl.constexpr,
     OUT_TILE: tl.constexpr,
     K_TILE: tl.constexpr,
 ):
-    QUARTER: tl.constexpr = K_TILE // 4
-    limit, any_kept, scale = _keep_rule(p_ptr, True)
+    rule, scale = _keep_rule_halves(p_ptr)
     seed = tl.load(seed_ptr)
     row = tl.program_id(0).to(tl.int64)
     group = row // rows_per_mask
     out = tl.program_id(1).to(tl.int64) * OUT_TILE + tl.arange(0, OUT_TILE)
     tiles = tl.cdiv(in_features, K_TILE)
-    x_row_ptr = x_ptr + row * in_features
-    lanes = tl.arange(0, QUARTER)
-    acc = tl.zeros((OUT_TILE,), dtype=tl.float32)
+    inp = tl.arange(0, K_TILE)
+    w_ptrs = w_ptr + out[:, None] * in_features + inp[None, :]
+    x_ptrs = x_ptr + row * in_features + inp
+    # Products accumulate per entry and are summed once at the end: no cross-thread
+    # reduction inside the loop.
+    acc = tl.zeros((OUT_TILE, K_TILE), dtype=tl.float32)
     for tile in range(0, tiles):
-        r0, r1, r2, r3 = _mask_draws(seed, group, out, tile, out_features, tiles, QUARTER)
-        start = tile * K_TILE + lanes
-        acc += _forward_quarter(w_ptr, x_row_ptr, out, start, out_features, in_features, r0, limit, any_kept)
-        acc += _forward_quarter(
-            w_ptr, x_row_ptr, out, start + QUARTER, out_features, in_features, r1, limit, any_kept
-        )
-        acc += _forward_quarter(
-            w_ptr, x_row_ptr, out, start + 2 * QUARTER, out_features, in_features, r2, limit, any_kept
-        )
-        acc += _forward_quarter(
-            w_ptr, x_row_ptr, out, start + 3 * QUARTER, out_features, in_features, r3, limit, any_kept
-        )
-    y = acc * scale
+        if EVEN:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            inside = inp < in_features - tile * K_TILE
+            w = tl.load(w_ptrs, mask=(out < out_features)[:, None] & inside[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=inside, other=0.0)
+        kept = _kept(seed, group, out, tile, out_features, tiles, rule, OUT_TILE, K_TILE)
+        acc += tl.where(kept, w.to(tl.float32), 0.0) * x.to(tl.float32)[None, :]
+        w_ptrs += K_TILE
+        x_ptrs += K_TILE
+    y = tl.sum(acc, axis=1) * scale
     if HAS_BIAS:
         y += tl.load(b_ptr + out, mask=out < out_features, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * out_features + out, y.to(y_ptr.dtype.element_ty), mask=out < out_features)
-
-
-@triton.jit
-def _grad_input_quarter(w_ptr, g, out, inp, out_features, in_features, draw, limit, any_kept):
-    inside = (out < out_features)[:, None] & (inp < in_features)[None, :]
-    w = tl.load(w_ptr + out[:, None] * in_features + inp[None, :], mask=inside, other=0.0)
-    kept = tl.where(any_kept, draw >= limit, False)
-    return tl.sum(tl.where(kept, w.to(tl.float32), 0.0) * g[:, None], axis=0)
 
 
 @triton.jit
@@ -113,48 +148,35 @@ def _grad_input_kernel(
     out_features,
     in_features,
     rows_per_mask,
+    EVEN: tl.constexpr,
     OUT_TILE: tl.constexpr,
     K_TILE: tl.constexpr,
 ):
-    QUARTER: tl.constexpr = K_TILE // 4
-    limit, any_kept, scale = _keep_rule(p_ptr, True)
+    rule, scale = _keep_rule_halves(p_ptr)
     seed = tl.load(seed_ptr)
     row = tl.program_id(0).to(tl.int64)
     group = row // rows_per_mask
     tile = tl.program_id(1).to(tl.int64)
     tiles = tl.cdiv(in_features, K_TILE)
-    start = tile * K_TILE + tl.arange(0, QUARTER)
-    acc0 = tl.zeros((QUARTER,), dtype=tl.float32)
-    acc1 = tl.zeros((QUARTER,), dtype=tl.float32)
-    acc2 = tl.zeros((QUARTER,), dtype=tl.float32)
-    acc3 = tl.zeros((QUARTER,), dtype=tl.float32)
+    inp = tile * K_TILE + tl.arange(0, K_TILE)
+    out = tl.arange(0, OUT_TILE).to(tl.int64)
+    w_ptrs = w_ptr + out[:, None] * in_features + inp[None, :]
+    g_ptrs = g_ptr + row * out_features + out
+    acc = tl.zeros((OUT_TILE, K_TILE), dtype=tl.float32)
     for out_start in range(0, out_features, OUT_TILE):
-        out = out_start + tl.arange(0, OUT_TILE).to(tl.int64)
-        g = tl.load(g_ptr + row * out_features + out, mask=out < out_features, other=0.0).to(tl.float32)
-        r0, r1, r2, r3 = _mask_draws(seed, group, out, tile, out_features, tiles, QUARTER)
-        acc0 += _grad_input_quarter(w_ptr, g, out, start, out_features, in_features, r0, limit, any_kept)
-        acc1 += _grad_input_quarter(
-            w_ptr, g, out, start + QUARTER, out_features, in_features, r1, limit, any_kept
-        )
-        acc2 += _grad_input_quarter(
-            w_ptr, g, out, start + 2 * QUARTER, out_features, in_features, r2, limit, any_kept
-        )
-        acc3 += _grad_input_quarter(
-            w_ptr, g, out, start + 3 * QUARTER, out_features, in_features, r3, limit, any_kept
-        )
-    dx_row = dx_ptr + row * in_features
-    element = dx_ptr.dtype.element_ty
-    tl.store(dx_row + start, (acc0 * scale).to(element), mask=start < in_features)
-    tl.store(dx_row + start + QUARTER, (acc1 * scale).to(element), mask=start + QUARTER < in_features)
-    tl.store(dx_row + start + 2 * QUARTER, (acc2 * scale).to(element), mask=start + 2 * QUARTER < in_features)
-    tl.store(dx_row + start + 3 * QUARTER, (acc3 * scale).to(element), mask=start + 3 * QUARTER < in_features)
-
-
-@triton.jit
-def _grad_weight_quarter(x_row_ptr, g, inp, in_features, draw, limit, any_kept):
-    x = tl.load(x_row_ptr + inp, mask=inp < in_features, other=0.0).to(tl.float32)
-    kept = tl.where(any_kept, draw >= limit, False)
-    return tl.where(kept, g[:, None] * x[None, :], 0.0)
+        if EVEN:
+            w = tl.load(w_ptrs)
+            g = tl.load(g_ptrs)
+        else:
+            inside = out < out_features - out_start
+            w = tl.load(w_ptrs, mask=inside[:, None] & (inp < in_features)[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=inside, other=0.0)
+        kept = _kept(seed, group, out + out_start, tile, out_features, tiles, rule, OUT_TILE, K_TILE)
+        acc += tl.where(kept, w.to(tl.float32), 0.0) * g.to(tl.float32)[:, None]
+        w_ptrs += OUT_TILE * in_features
+        g_ptrs += OUT_TILE
+    dx = tl.sum(acc, axis=0) * scale
+    tl.store(dx_ptr + row * in_features + inp, dx.to(dx_ptr.dtype.element_ty), mask=inp < in_features)
 
 
 @triton.jit
@@ -171,67 +193,50 @@ def _grad_weight_kernel(
     OUT_TILE: tl.constexpr,
     K_TILE: tl.constexpr,
 ):
-    QUARTER: tl.constexpr = K_TILE // 4
-    limit, any_kept, scale = _keep_rule(p_ptr, True)
+    rule, scale = _keep_rule_halves(p_ptr)
     seed = tl.load(seed_ptr)
     out = tl.program_id(0).to(tl.int64) * OUT_TILE + tl.arange(0, OUT_TILE)
     tile = tl.program_id(1).to(tl.int64)
     tiles = tl.cdiv(in_features, K_TILE)
-    start = tile * K_TILE + tl.arange(0, QUARTER)
-    acc0 = tl.zeros((OUT_TILE, QUARTER), dtype=tl.float32)
-    acc1 = tl.zeros((OUT_TILE, QUARTER), dtype=tl.float32)
-    acc2 = tl.zeros((OUT_TILE, QUARTER), dtype=tl.float32)
-    acc3 = tl.zeros((OUT_TILE, QUARTER), dtype=tl.float32)
+    inp = tile * K_TILE + tl.arange(0, K_TILE)
+    zero_rows = tl.zeros((OUT_TILE, 1), dtype=tl.int64)
+    in_tile = (zero_rows + inp[None, :]) < in_features
+    acc = tl.zeros((OUT_TILE, K_TILE), dtype=tl.float32)
     for row_index in range(0, rows):
         row = tl.cast(row_index, tl.int64)
         group = row // rows_per_mask
-        g = tl.load(g_ptr + row * out_features + out, mask=out < out_features, other=0.0).to(tl.float32)
-        x_row_ptr = x_ptr + row * in_features
-        r0, r1, r2, r3 = _mask_draws(seed, group, out, tile, out_features, tiles, QUARTER)
-        acc0 += _grad_weight_quarter(x_row_ptr, g, start, in_features, r0, limit, any_kept)
-        acc1 += _grad_weight_quarter(x_row_ptr, g, start + QUARTER, in_features, r1, limit, any_kept)
-        acc2 += _grad_weight_quarter(x_row_ptr, g, start + 2 * QUARTER, in_features, r2, limit, any_kept)
-        acc3 += _grad_weight_quarter(x_row_ptr, g, start + 3 * QUARTER, in_features, r3, limit, any_kept)
-    element = dw_ptr.dtype.element_ty
-    rows_ok = (out < out_features)[:, None]
-    base = dw_ptr + out[:, None] * in_features
-    inp = start[None, :]
-    tl.store(base + inp, (acc0 * scale).to(element), mask=rows_ok & (inp < in_features))
-    inp = inp + QUARTER
-    tl.store(base + inp, (acc1 * scale).to(element), mask=rows_ok & (inp < in_features))
-    inp = inp + QUARTER
-    tl.store(base + inp, (acc2 * scale).to(element), mask=rows_ok & (inp < in_features))
-    inp = inp + QUARTER
-    tl.store(base + inp, (acc3 * scale).to(element), mask=rows_ok & (inp < in_features))
-
-
-@triton.jit
-def _store_mask_quarter(base, inp, inside, draw, limit, any_kept, scale):
-    kept = tl.where(any_kept, draw >= limit, False)
-    tl.store(base + inp, tl.where(kept, scale, 0.0).to(base.dtype.element_ty), mask=inside)
+        # x is loaded as a whole tile (each row of it the same; 128-bit loads, hits in L1)
+        # because that gives the tile the layout the draws come in: loaded as one row,
+        # every draw would be re-laid out through shared memory on every row.
+        g = tl.load(g_ptr + row * out_features + out[:, None], mask=(out < out_features)[:, None], other=0.0)
+        x = tl.load(x_ptr + row * in_features + zero_rows + inp[None, :], mask=in_tile, other=0.0)
+        kept = _kept(seed, group, out, tile, out_features, tiles, rule, OUT_TILE, K_TILE)
+        acc += tl.where(kept, g.to(tl.float32), 0.0) * x.to(tl.float32)
+    inside = (out < out_features)[:, None] & (inp < in_features)[None, :]
+    index = out[:, None] * in_features + inp[None, :]
+    tl.store(dw_ptr + index, (acc * scale).to(dw_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _mask_kernel(
     m_ptr, seed_ptr, p_ptr, out_features, in_features, OUT_TILE: tl.constexpr, K_TILE: tl.constexpr
 ):
-    QUARTER: tl.constexpr = K_TILE // 4
-    limit, any_kept, scale = _keep_rule(p_ptr, True)
+    rule, scale = _keep_rule_halves(p_ptr)
     group = tl.program_id(0).to(tl.int64)
     out = tl.program_id(1).to(tl.int64) * OUT_TILE + tl.arange(0, OUT_TILE)
     tile = tl.program_id(2).to(tl.int64)
     tiles = tl.cdiv(in_features, K_TILE)
-    r0, r1, r2, r3 = _mask_draws(tl.load(seed_ptr), group, out, tile, out_features, tiles, QUARTER)
-    inp = tile * K_TILE + tl.arange(0, QUARTER)[None, :]
-    base = m_ptr + (group * out_features + out)[:, None] * in_features
-    rows_ok = (out < out_features)[:, None]
-    _store_mask_quarter(base, inp, rows_ok & (inp < in_features), r0, limit, any_kept, scale)
-    inp += QUARTER
-    _store_mask_quarter(base, inp, rows_ok & (inp < in_features), r1, limit, any_kept, scale)
-    inp += QUARTER
-    _store_mask_quarter(base, inp, rows_ok & (inp < in_features), r2, limit, any_kept, scale)
-    inp += QUARTER
-    _store_mask_quarter(base, inp, rows_ok & (inp < in_features), r3, limit, any_kept, scale)
+    inp = tile * K_TILE + tl.arange(0, K_TILE)
+    seed = tl.load(seed_ptr)
+    kept = _kept(seed, group, out, tile, out_features, tiles, rule, OUT_TILE, K_TILE)
+    inside = (out < out_features)[:, None] & (inp < in_features)[None, :]
+    index = (group * out_features + out)[:, None] * in_features + inp[None, :]
+    tl.store(m_ptr + index, tl.where(kept, scale, 0.0).to(m_ptr.dtype.element_ty), mask=inside)
+
+
+def _even(out_features: int, in_features: int) -> bool:
+    """Whether the tiles cover the weight exactly, so the kernels load without bounds masks."""
+    return out_features % OUT_TILE == 0 and in_features % K_TILE == 0
 
 
 def _launch_forward(
@@ -253,6 +258,7 @@ def _launch_forward(
             in_features,
             rows_per_mask,
             HAS_BIAS=bias is not None,
+            EVEN=_even(out_features, in_features),
             OUT_TILE=OUT_TILE,
             K_TILE=K_TILE,
         )
@@ -284,6 +290,7 @@ def _grad_input_op(grad: Tensor, weight: Tensor, seed: Tensor, p: Tensor, rows_p
             out_features,
             in_features,
             rows_per_mask,
+            EVEN=_even(out_features, in_features),
             OUT_TILE=OUT_TILE,
             K_TILE=K_TILE,
         )

@@ -27,7 +27,7 @@ def regenerated_mask(
 
 @pytest.mark.parametrize(
     ("batch", "out_features", "in_features", "bias"),
-    [(3, 5, 70, True), (2, 33, 7, False), (1, 1, 1, True)],
+    [(3, 5, 70, True), (2, 33, 7, False), (1, 1, 1, True), (2, 64, 128, True)],  # the last: whole tiles
 )
 def test_per_sample_forward_and_backward_match_float64(
     batch: int, out_features: int, in_features: int, bias: bool
@@ -118,11 +118,19 @@ def test_layer_uses_the_kernel_for_per_sample_masks(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(2)
     direct = dc.drop_connect_linear(x, layer.weight, layer.bias, 0.5)
     assert torch.equal(through_layer, direct)
-    layer.per_sample, layer.mask_groups = False, 2
+    layer.per_sample, layer.mask_groups = False, 4  # MC replicas of one input: a row each
     torch.manual_seed(2)
     through_layer = layer(x)
     torch.manual_seed(2)
-    assert torch.equal(through_layer, dc.drop_connect_linear(x, layer.weight, layer.bias, 0.5, groups=2))
+    assert torch.equal(through_layer, dc.drop_connect_linear(x, layer.weight, layer.bias, 0.5, groups=4))
+    # Two rows per mask (or a sequence per sample): the layer's own path, masks built once.
+    layer.mask_groups = 2
+    assert kernels.fast_drop_connect_linear(x, layer.weight, layer.bias, 0.5, 2) is None
+    layer.per_sample = True
+    assert kernels.fast_drop_connect_linear(x[:, None].expand(4, 3, 5), layer.weight, None, 0.5, 4) is None
+    torch.manual_seed(2)
+    masks = layer(x[:, None].expand(4, 3, 5))
+    assert torch.equal(masks, masks[:, :1].expand_as(masks))  # one mask per sample, all its rows
 
 
 def test_compiled_per_sample_layer_calls_the_kernel_and_follows_p(
@@ -176,3 +184,23 @@ def test_fp16_products_accumulate_in_fp32() -> None:
     mask = regenerated_mask(4, 9, 70, 0.3, seed)
     expected_w = torch.einsum("bo,bi,boi->oi", grad.double(), x.detach().double(), mask)
     torch.testing.assert_close(grad_w.double(), expected_w, rtol=1e-3, atol=1e-3)
+
+
+def test_ties_of_the_sixteen_bit_draws_are_broken_by_a_second_draw() -> None:
+    """Thresholds that share their top 16 bits differ only on entries whose 16-bit draw ties
+    with them (about one in 65536): there the low 16 bits decide, from a second draw."""
+    seed, high = torch.tensor(3), 0x5A5A
+
+    def masks(low: int) -> torch.Tensor:
+        p = (high * 65536 + low) / 2**32  # exact in float64: the kernels' threshold is exact
+        return dc.materialize_masks(32, 128, 256, p, seed) != 0
+
+    always, half, never = masks(0), masks(0x8000), masks(0xFFFF)
+    ties = always != never  # ties keep under low 0 and drop under low 0xFFFF (unless the draw is 0xFFFF)
+    entries = ties.numel()
+    assert bool((always | ~never).all())  # raising the threshold only drops more
+    # Poisson(entries / 65536 = 16): within 5 sigmas above, and at least one (P(0) = 1e-7)
+    assert 1 <= ties.sum().item() <= entries / 65536 + 5 * math.sqrt(entries / 65536)
+    assert torch.equal(half & ~ties, always & ~ties)  # off the ties nothing moves
+    kept_half = half[ties].double().mean().item()
+    assert 0.1 < kept_half < 0.9  # about half of the ties are kept at low = 0x8000
