@@ -251,7 +251,25 @@ def compile_and_checkpoint() -> dict[str, Any]:
         "unique graphs after p = 0.1, 0.3, 0.7": graphs,
         "no recompile when p changes": graphs[0] == graphs[-1],
         "checkpoint recomputation gives the same gradient": bool(torch.equal(x.grad, plain)),
+        **rank_streams(),
         **compiled_layers(backend),
+    }
+
+
+def rank_streams() -> dict[str, Any]:
+    """The multi-GPU issue's per-rank streams reach the kernels' seeds on this device."""
+    from lightning_dropout.random_streams import RankStreams
+
+    def mask(rank: int) -> torch.Tensor:
+        with RankStreams(seed=7, rank=rank, devices=[device()]).step_scope():
+            return Dropout(0.5)(torch.ones(4096, device=device())) != 0
+
+    first, again, other = mask(0), mask(0), mask(1)
+    return {
+        "rank streams: a rank's mask reproduces": bool(torch.equal(first, again)),
+        "rank streams: masks of two ranks agree on a fraction (about 0.5)": round(
+            (first == other).double().mean().item(), 3
+        ),
     }
 
 

@@ -33,6 +33,8 @@ def test_gpu_check_smoke_run_passes_every_check(tmp_path: Path) -> None:
     compiled = results["compile and checkpoint"]
     assert compiled["no recompile when p changes"]
     assert compiled["checkpoint recomputation gives the same gradient"]
+    assert compiled["rank streams: a rank's mask reproduces"]
+    assert 0.4 < compiled["rank streams: masks of two ranks agree on a fraction (about 0.5)"] < 0.6
     assert len(compiled["compiled layers: custom ops in their graphs"]) == 3
     assert compiled["compiled layers: graphs for 3 layers x 5 values of p"] == 3
     assert compiled["compiled layers: output equals the regenerated gradient factor"]
