@@ -9,11 +9,15 @@ mask back through the forward product itself (one-hot rows, unit weights).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+if TYPE_CHECKING:  # the fixture's type, defined beside the fixtures
+    from tests.kernels.conftest import RecordingBackend
 
 from lightning_dropout import DropConnectLinear, kernels
 from lightning_dropout.kernels import triton_dropconnect as dc
@@ -108,9 +112,7 @@ def test_custom_op_registration_is_consistent() -> None:
     torch.library.opcheck(dc._linear_op, args, test_utils=checks)
 
 
-def test_layer_uses_the_kernel_for_per_sample_masks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "triton_drop_connect", dc)
-    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
+def test_layer_uses_the_kernel_for_per_sample_masks(kernels_on_cpu: None) -> None:
     layer = DropConnectLinear(5, 3, p=0.5, per_sample=True)
     x = torch.randn(4, 5)
     torch.manual_seed(2)
@@ -134,20 +136,9 @@ def test_layer_uses_the_kernel_for_per_sample_masks(monkeypatch: pytest.MonkeyPa
 
 
 def test_compiled_per_sample_layer_calls_the_kernel_and_follows_p(
-    monkeypatch: pytest.MonkeyPatch,
+    kernels_on_cpu: None, recording_backend: RecordingBackend
 ) -> None:
-    import torch._dynamo.testing
-
-    monkeypatch.setattr(kernels, "triton_drop_connect", dc)
-    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    ops: list[str] = []
-
-    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
-        return counter(graph, inputs)
-
+    backend = recording_backend
     layer = DropConnectLinear(16, 8, p=0.0, bias=False, per_sample=True)
     compiled = torch.compile(layer, backend=backend)
     x = torch.eye(16).repeat(3, 1)  # 48 one-hot rows: each output row reads one mask column
@@ -162,8 +153,8 @@ def test_compiled_per_sample_layer_calls_the_kernel_and_follows_p(
         if p == 0.4:  # independent masks per sample: the 3 copies of each row differ
             copies = kept.reshape(3, 16, 8)
             assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
-    assert "lightning_dropout.triton_drop_connect_linear.default" in ops
-    assert counter.frame_count == 1
+    assert "lightning_dropout.triton_drop_connect_linear.default" in backend.ops
+    assert backend.graphs == 1
 
 
 def test_fp16_products_accumulate_in_fp32() -> None:

@@ -7,6 +7,7 @@ computes the expected output in float64: the comparison is exact.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ from torch.utils.checkpoint import checkpoint
 
 pytest.importorskip("triton")
 
-from lightning_dropout import Dropout, Dropout2d, GaussianDropout, kernels
+if TYPE_CHECKING:  # the fixture's type, defined beside the fixtures
+    from tests.kernels.conftest import RecordingBackend
+
+from lightning_dropout import Dropout, Dropout2d, GaussianDropout
 from lightning_dropout.kernels import triton_dropout as td
 
 SHAPES = [(1,), (37,), (5, 7, 3), (3, 1031)]
@@ -252,9 +256,7 @@ def test_compile_with_a_float_p_recompiles_at_most_once() -> None:
     assert counter.frame_count <= 2
 
 
-def test_dispatch_routes_layers_to_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "triton_kernels", td)
-    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
+def test_dispatch_routes_layers_to_the_kernels(kernels_on_cpu: None) -> None:
     x = torch.randn(4, 3, 5, 5)
     for layer, direct in [
         (Dropout(0.3), lambda: td.dropout(x, 0.3)),
@@ -272,28 +274,10 @@ def test_dispatch_routes_layers_to_the_kernels(monkeypatch: pytest.MonkeyPatch) 
     assert not torch.equal(in_place, td.dropout(x, 0.3))
 
 
-def _compiled_op_names(monkeypatch: pytest.MonkeyPatch) -> tuple[object, list[str]]:
-    """A torch.compile backend (aot_eager) that records the ops of each graph it gets."""
-    import torch._dynamo.testing
-
-    monkeypatch.setattr(kernels, "triton_kernels", td)
-    monkeypatch.setattr(kernels, "TRITON_DEVICES", ("cuda", "cpu"))
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    names: list[str] = []
-
-    def backend(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        names.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
-        return counter(graph, inputs)
-
-    backend.counter = counter  # type: ignore[attr-defined]
-    return backend, names
-
-
 def test_compiled_layers_call_the_kernels_and_follow_p_without_recompiling(
-    monkeypatch: pytest.MonkeyPatch,
+    kernels_on_cpu: None, recording_backend: RecordingBackend
 ) -> None:
-    backend, names = _compiled_op_names(monkeypatch)
+    backend = recording_backend
     layers = {
         "triton_dropout": Dropout(0.0),
         "triton_channel_dropout": Dropout2d(0.0),
@@ -319,16 +303,16 @@ def test_compiled_layers_call_the_kernels_and_follow_p_without_recompiling(
             if p == 1.0:
                 assert not out.any() and not x.grad.any()
     for op in layers:
-        assert f"lightning_dropout.{op}.default" in names
-    assert backend.counter.frame_count == 3  # type: ignore[attr-defined]  # one graph per layer
+        assert f"lightning_dropout.{op}.default" in backend.ops
+    assert backend.graphs == 3  # one graph per layer
 
 
 def test_compiled_unbatched_channels_and_drop_connect_use_the_kernels(
-    monkeypatch: pytest.MonkeyPatch,
+    kernels_on_cpu: None, recording_backend: RecordingBackend
 ) -> None:
     from lightning_dropout import DropConnectLinear
 
-    backend, names = _compiled_op_names(monkeypatch)
+    backend, names = recording_backend, recording_backend.ops
     unbatched = torch.compile(Dropout2d(0.5, batched=False), backend=backend)
     out = unbatched(torch.ones(7, 3, 3))
     assert torch.equal(out, out[:, :1, :1].expand_as(out)) and set(out.unique().tolist()) <= {0.0, 2.0}
@@ -340,8 +324,10 @@ def test_compiled_unbatched_channels_and_drop_connect_use_the_kernels(
     assert set(out.t().div(layer.weight.detach()).unique().tolist()) <= {0.0, 2.0}
 
 
-def test_compiled_in_place_dropout_keeps_the_torch_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    backend, names = _compiled_op_names(monkeypatch)
+def test_compiled_in_place_dropout_keeps_the_torch_rule(
+    kernels_on_cpu: None, recording_backend: RecordingBackend
+) -> None:
+    backend, names = recording_backend, recording_backend.ops
     x = torch.ones(5, 8)
     torch.compile(Dropout(0.5, inplace=True), backend=backend)(x)
     assert set(x.unique().tolist()) <= {0.0, 2.0} and (x == 0).any()
