@@ -58,15 +58,15 @@ def compile_kernel(
         "loads": sorted(set(re.findall(r"LDG\.E[.\w]*", sass))),
         "stores": sorted(set(re.findall(r"STG\.E[.\w]*", sass))),
         "layout conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
-        **({"main loop instructions": main_loop_length(sass)} if loop else {}),
+        "usual path": usual_path_length(sass, loop),
     }
 
 
-def main_loop_length(sass: str) -> int | None:
-    """Instructions on the usual path through the kernel's longest loop, or None (no loop).
-
-    The loop is the span of the longest backward branch; forward branches inside it skip
-    code taken only rarely (the DropConnect tie-breaking draws), which is not counted.
+def usual_path_length(sass: str, loop: bool) -> int:
+    """Instructions on the kernel's usual path: code that forward branches skip (the slow
+    argument reduction of sin/cos, the DropConnect tie-breaking draws: both rare) is left
+    out. With ``loop``, only the longest loop (the span of the longest backward branch)
+    is counted: one trip through it.
     """
     code = [
         (int(m.group(1), 16), m.group(2), m.group(3))
@@ -77,10 +77,9 @@ def main_loop_length(sass: str) -> int | None:
         for address, op, rest in code
         if op.startswith("BRA") and (target := re.search(r"0x([0-9a-f]+)", rest))
     ]
-    loops = [(target, address) for address, target in branches if target < address]
-    if not loops:
-        return None
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    start, end = code[0][0], code[-1][0]
+    if loop:
+        start, end = max(((t, a) for a, t in branches if t < a), key=lambda span: span[1] - span[0])
     skipped = [(address, target) for address, target in branches if start <= address < target <= end]
     return sum(
         1
@@ -141,7 +140,7 @@ def main() -> None:
         ]
         for name, fn, signature, constants, elements in element:
             stats = compile_kernel(fn, signature, constants)
-            stats["instructions per element"] = round(stats["instructions"] / (elements / THREADS), 1)
+            stats["instructions per element"] = round(stats["usual path"] / (elements / THREADS), 1)
             rows.append({"kernel": name, "dtype": dtype, **stats})
     common = {
         "seed_ptr": "*i64",
@@ -193,18 +192,17 @@ def main() -> None:
         stats = compile_kernel(fn, signature, constants, loop=True)
         # Each trip through the loop handles one OUT_TILE x K_TILE tile of mask entries.
         per_thread = tdc.OUT_TILE * tdc.K_TILE / THREADS
-        stats["instructions per mask entry"] = round(stats["main loop instructions"] / per_thread, 1)
+        stats["instructions per mask entry"] = round(stats["usual path"] / per_thread, 1)
         rows.append({"kernel": name, "dtype": "bf16", **stats})
     keys = list(dict.fromkeys(k for row in rows for k in row))
     lines = [
         "# Triton kernels compiled for sm_90 (no GPU): static SASS statistics",
         "",
-        f"triton {triton.__version__}; a prediction aid, not a measurement. The dropout and channel",
-        "kernels are straight-line code, so instructions / (elements per thread) is their dynamic",
-        "count per element; the Gaussian kernel's static count includes the rarely taken slow paths",
-        "of sin/cos argument reduction, so it is an upper bound there. The DropConnect kernels'",
-        "cost is their main loop, counted on its usual path (the rare tie-breaking branch left",
-        "out) per mask entry a thread handles in one trip.",
+        f"triton {triton.__version__}; a prediction aid, not a measurement. 'usual path' counts the",
+        "instructions a thread runs when the rarely taken branches are not (the slow argument",
+        "reduction of sin/cos in the Gaussian kernel, the tie-breaking draws of DropConnect); the",
+        "element kernels' per-element count divides it by the elements a thread handles, the",
+        "DropConnect kernels count one trip through their main loop per mask entry of the tile.",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
