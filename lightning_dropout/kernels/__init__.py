@@ -15,6 +15,7 @@ return None and the layer writes the rule in torch ops.
 from __future__ import annotations
 
 import math
+import os
 from types import ModuleType
 
 import torch
@@ -37,8 +38,12 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_DEVICES = ("cuda",)
 
 
+# Set to 0 to keep CUDA tensors on the PyTorch path (e.g. to compare with torch's masks).
+TRITON_SWITCH = "LIGHTNING_DROPOUT_TRITON"
+
+
 def _import_triton_kernels() -> tuple[ModuleType | None, ModuleType | None]:
-    if not torch.cuda.is_available():
+    if os.environ.get(TRITON_SWITCH, "1") == "0" or not torch.cuda.is_available():
         return None, None
     try:
         from lightning_dropout.kernels import triton_dropconnect, triton_dropout

@@ -18,7 +18,8 @@ pytest.importorskip("triton")
 if TYPE_CHECKING:  # the fixture's type, defined beside the fixtures
     from tests.kernels.conftest import RecordingBackend
 
-from lightning_dropout import Dropout, Dropout2d, GaussianDropout
+from lightning_dropout import Dropout, Dropout2d, GaussianDropout, kernels
+from lightning_dropout.kernels import triton_dropconnect as dc
 from lightning_dropout.kernels import triton_dropout as td
 
 SHAPES = [(1,), (37,), (5, 7, 3), (3, 1031)]
@@ -362,3 +363,10 @@ def test_half_precision_kernels_apply_the_fp32_mask(dtype: torch.dtype) -> None:
         grad = torch.randn(x.shape).to(dtype)
         (x_grad,) = torch.autograd.grad(y, x, grad)
         assert_matches_fp32_product(x_grad, grad, factor)
+
+
+def test_the_switch_keeps_cuda_tensors_on_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert kernels._import_triton_kernels() == (td, dc)
+    monkeypatch.setenv(kernels.TRITON_SWITCH, "0")
+    assert kernels._import_triton_kernels() == (None, None)
