@@ -278,7 +278,7 @@ def _grad_input_op(grad: Tensor, weight: Tensor, seed: Tensor, p: Tensor, rows_p
     grad, weight = grad.contiguous(), weight.contiguous()
     rows, out_features = grad.shape
     in_features = weight.shape[1]
-    dx = grad.new_zeros((rows, in_features))
+    dx = grad.new_empty((rows, in_features))  # every entry is stored, zero rows included
     if rows and in_features:
         grid = (rows, triton.cdiv(in_features, K_TILE))
         _grad_input_kernel[grid](
@@ -304,7 +304,7 @@ def _grad_weight_op(
     grad, x = grad.contiguous(), x.contiguous()
     rows, out_features = grad.shape
     in_features = x.shape[1]
-    dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)  # every entry is stored
     if out_features and in_features:
         grid = (triton.cdiv(out_features, OUT_TILE), triton.cdiv(in_features, K_TILE))
         _grad_weight_kernel[grid](
@@ -391,6 +391,8 @@ def drop_connect_linear(
     """
     batch = x.shape[0]
     groups = batch if groups is None else groups
+    if batch == 0:
+        groups = 1  # an empty batch (per sample: zero groups) is one group of no rows
     if batch % groups:
         raise ValueError(f"batch size {batch} is not a multiple of mask groups {groups}")
     rows_per_mask = x[0].numel() // x.shape[-1] * (batch // groups) if x.numel() else 1

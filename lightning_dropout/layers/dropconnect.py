@@ -136,6 +136,8 @@ def grouped_drop_connect(
         ValueError: the batch size is not a multiple of ``groups``.
     """
     batch = x.shape[0]
+    if batch == 0:
+        groups = 1  # an empty batch (per sample: zero groups) is one group of no rows
     if batch % groups:
         raise ValueError(f"batch size {batch} is not a multiple of mask groups {groups}")
     grouped = x.reshape(groups, batch // groups, *x.shape[1:])
@@ -418,7 +420,7 @@ class _DropConnectConvNd(DropConnectLayer):
         flat_weights = weights.reshape(c * weights.shape[1], *weights.shape[2:])
         flat_bias = None if bias is None else bias.repeat(c)
         out = self._conv(stacked, flat_weights, flat_bias, c * self.groups)
-        return out.reshape(b, c, -1, *out.shape[2:]).transpose(0, 1)
+        return out.reshape(b, c, weights.shape[1], *out.shape[2:]).transpose(0, 1)
 
     def _unbatched_dims(self) -> int:
         return self.spatial_dims + 1

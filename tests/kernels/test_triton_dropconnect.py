@@ -195,3 +195,14 @@ def test_ties_of_the_sixteen_bit_draws_are_broken_by_a_second_draw() -> None:
     assert torch.equal(half & ~ties, always & ~ties)  # off the ties nothing moves
     kept_half = half[ties].double().mean().item()
     assert 0.1 < kept_half < 0.9  # about half of the ties are kept at low = 0x8000
+
+
+def test_empty_batch_and_empty_layer() -> None:
+    x, w = torch.randn(0, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    out = dc.drop_connect_linear(x, w, None, 0.5)
+    out.sum().backward()
+    assert out.shape == (0, 3) and w.grad is not None and not w.grad.any()
+    x, w = torch.randn(2, 5, requires_grad=True), torch.randn(0, 5, requires_grad=True)
+    out = dc.drop_connect_linear(x, w, None, 0.5)
+    out.sum().backward()
+    assert out.shape == (2, 0) and x.grad is not None and not x.grad.any()

@@ -4,6 +4,7 @@ inference, memory-bounded chunking, gradients and bad inputs."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -230,3 +231,30 @@ def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None
         DropConnectLinear(4, 3, **kwargs)
     with pytest.raises(error, match=match):
         DropConnectConv2d(2, 3, 3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: DropConnectLinear(5, 3, per_sample=True), (0, 5)),
+        (lambda: DropConnectLinear(5, 3, per_sample=True), (0, 4, 5)),
+        (lambda: DropConnectConv1d(2, 3, 3, per_sample=True), (0, 2, 7)),
+        (lambda: DropConnectConv2d(2, 3, 3, per_sample=True), (0, 2, 5, 5)),
+        (lambda: DropConnectConv3d(2, 3, 3, per_sample=True), (0, 2, 4, 4, 4)),
+    ],
+)
+@pytest.mark.parametrize("mask_groups", [None, 3])
+def test_an_empty_batch_passes_like_torch(
+    make: Callable[[], nn.Module], shape: tuple[int, ...], mask_groups: int | None
+) -> None:
+    """Zero samples are zero mask groups: nn.Linear / nn.Conv accept an empty batch, so must we."""
+    layer = make()
+    if mask_groups is not None:
+        layer.per_sample, layer.mask_groups = False, mask_groups
+    x = torch.randn(shape, requires_grad=True)
+    out = layer(x)
+    plain = layer._product(x, layer.weight, layer.bias)
+    assert out.shape == plain.shape and out.numel() == 0
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert layer.weight.grad is not None and not layer.weight.grad.any()
