@@ -26,7 +26,6 @@ compiled models whose p is scheduled.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +36,7 @@ from torch import nn
 from lightning_dropout._validation import check_choice, check_probability
 from lightning_dropout.layers import get_rate, is_dropout_layer, rate_attribute, set_rate
 from lightning_dropout.schedules import Schedule
+from lightning_dropout.selection import matches_name
 
 INTERVALS = ("step", "epoch")
 SINGLE_GROUP = "all"
@@ -225,17 +225,6 @@ class DropoutScheduler(Callback):
 
     def _schedule_reprs(self) -> dict[str, str]:
         return {group: repr(s) for group, s in self.schedules.items()}
-
-
-def matches_name(name: str, pattern: str) -> bool:
-    """Whether layer ``name`` matches glob ``pattern`` or lies below a module it matches.
-
-    Example:
-        >>> matches_name("encoder.block.0.drop", "encoder"), matches_name("decoder.drop", "enc*")
-        (True, False)
-    """
-    parts = name.split(".")
-    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
 def matches_target(name: str, module: nn.Module, target: Target) -> bool:
