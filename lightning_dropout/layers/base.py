@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,8 @@ class DropProbability:
     floating-point buffer: a bf16 mirror would turn ``p = 0.3`` into 0.30078.
     """
 
+    #: What the layer drops, as a dropout site (see :mod:`lightning_dropout.sites`).
+    site_kind: ClassVar[str] = "dropout"
     _p: float
     p_bits: Tensor
 

@@ -164,6 +164,7 @@ class DropConnectLayer(DropProbability):
     along the batch get independent masks. ``per_sample=True`` overrides it.
     """
 
+    site_kind = "dropconnect"
     weight: Tensor
     bias: Any
     training: bool

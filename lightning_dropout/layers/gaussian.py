@@ -67,6 +67,8 @@ class GaussianDropout(DropoutBase):
         True
     """
 
+    site_kind = "gaussian"
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             check_floating(x)

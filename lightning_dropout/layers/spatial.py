@@ -105,6 +105,7 @@ def channel_dropout(
 
 
 class _ChannelDropout(DropoutBase):
+    site_kind = "channel"
     spatial_dims: int
 
     def __init__(

@@ -55,6 +55,8 @@ class DropConnect(DropProbability, nn.Module):
         ['bias_hh_l0', 'bias_ih_l0']
     """
 
+    site_kind = "dropconnect"
+
     def __init__(self, module: nn.Module, p: float = 0.5, names: Sequence[str] = ("weight",)) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):

@@ -1,0 +1,177 @@
+"""Watch dropout that happens through function calls, attributed to its site.
+
+A dropout module can be watched with forward hooks. Dropout that a module's code does by
+calling a function (``F.dropout(x, p=self.drop_rate, training=self.training)`` in timm's
+heads and BART's layers, transformers' eager attention) has no module of its own.
+:class:`FunctionalProbe` sees those calls while it is open: a ``TorchFunctionMode`` is
+handed every torch function call, and global forward hooks keep the stack of running
+modules, so a call is attributed to the innermost running module and, among that
+module's sites, to the one whose rate equals the ``p`` the call received (sites with
+equal rates share the observation). Dropout inside fused kernels
+(``scaled_dot_product_attention``, ``nn.LSTM``) is invisible here by nature.
+
+Every torch call while the probe is open goes through Python, so open it only for the
+steps you measure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dropout.sites.site import DropoutSite
+
+# Function -> (name of its training argument, position of it); p is argument 1 in all.
+_DROP_CALLS: dict[Callable[..., Any], tuple[str, int]] = {
+    F.dropout: ("training", 2),
+    F.dropout1d: ("training", 2),
+    F.dropout2d: ("training", 2),
+    F.dropout3d: ("training", 2),
+    torch.dropout: ("train", 2),
+}
+
+#: ``observe(site, x)`` is called with the input of a dropout call made for ``site``
+#: before the call runs; it may return a function that is then called with the output.
+Observer = Callable[[DropoutSite, Tensor], Callable[[Tensor], None] | None]
+
+
+def function_sites(sites: Mapping[str, DropoutSite]) -> dict[nn.Module, list[DropoutSite]]:
+    """The sites a module's code may drop through a function call, by that module.
+
+    Every site that is not a module, and every dropout module whose rate another module's
+    code reads (BERT's attention dropout: ``self.dropout.p`` handed to the attention).
+
+    Example:
+        >>> class Head(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(3, 3)
+        ...         self.drop_rate = 0.2
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.dropout(self.fc(x), p=self.drop_rate, training=self.training)
+        >>> from lightning_dropout.sites import find_sites
+        >>> head = Head()
+        >>> function_sites(find_sites(head))[head]
+        [DropoutSite('drop_rate', kind='dropout', p=0.2)]
+    """
+    owners: dict[nn.Module, list[DropoutSite]] = {}
+    for site in sites.values():
+        callers = [g for g in site.gates if g is not site.module] if site.is_module else [site.module]
+        for caller in callers:
+            owners.setdefault(caller, []).append(site)
+    return owners
+
+
+class FunctionalProbe:
+    """While open, hand every functional dropout call made for one of ``sites`` to ``observe``.
+
+    Args:
+        sites: the sites to watch (calls for other sites pass untouched).
+        observe: see :data:`Observer`.
+
+    Example:
+        >>> from lightning_dropout.sites import find_sites
+        >>> class Head(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(3, 3)
+        ...         self.drop_rate = 0.2
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.dropout(self.fc(x), p=self.drop_rate, training=self.training)
+        >>> head, seen = Head(), []
+        >>> with FunctionalProbe(find_sites(head), lambda site, x: seen.append((site.name, x.shape))):
+        ...     _ = head(torch.ones(2, 3))
+        >>> seen
+        [('drop_rate', torch.Size([2, 3]))]
+    """
+
+    def __init__(self, sites: Mapping[str, DropoutSite], observe: Observer) -> None:
+        self.owners = function_sites(sites)
+        self.observe = observe
+        self._stack: list[nn.Module] = []
+        self._handles: list[RemovableHandle] = []
+        self._mode: _DropCallMode | None = None
+
+    def __enter__(self) -> FunctionalProbe:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def open(self) -> None:
+        """Start watching (a no-op when already open or when no site can be called for)."""
+        if self._mode is not None or not self.owners:
+            return
+        self._stack = []
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._enter_module),
+            nn.modules.module.register_module_forward_hook(self._leave_module, always_call=True),
+        ]
+        self._mode = _DropCallMode(self)
+        self._mode.__enter__()
+
+    def remove(self) -> None:
+        """Stop watching (idempotent, so it can serve as a hook handle)."""
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._stack = []
+
+    def _enter_module(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(module)
+
+    def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack and self._stack[-1] is module:
+            self._stack.pop()
+
+    def sites_for(self, p: float) -> list[DropoutSite]:
+        """The watched sites a dropout call with rate ``p`` made now belongs to."""
+        candidates = self.owners.get(self._stack[-1]) if self._stack else None
+        if not candidates:
+            return []
+        matching = [site for site in candidates if site.p is not None and abs(site.p - p) <= 1e-12]
+        return matching or [site for site in candidates if site.p is None]
+
+
+class _DropCallMode(TorchFunctionMode):
+    def __init__(self, probe: FunctionalProbe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        spec = _DROP_CALLS.get(func)
+        if spec is None or not args or not isinstance(args[0], Tensor):
+            return func(*args, **kwargs)
+        training_name, training_position = spec
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = (
+            args[training_position] if len(args) > training_position else kwargs.get(training_name, True)
+        )
+        if not training or not isinstance(p, (int, float)) or p == 0:
+            return func(*args, **kwargs)
+        finishes = [self.probe.observe(site, args[0]) for site in self.probe.sites_for(float(p))]
+        out = func(*args, **kwargs)
+        for finish in finishes:
+            if finish is not None:
+                finish(out)
+        return out
+
+
+__all__ = ["FunctionalProbe", "Observer", "function_sites"]
