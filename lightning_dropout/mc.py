@@ -4,7 +4,9 @@ A network trained with dropout is an ensemble of thinned networks with shared we
 averaging many stochastic forward passes approximates the Bayesian predictive
 distribution (Gal & Ghahramani, "Dropout as a Bayesian Approximation", ICML 2016).
 
-:func:`mc_mode` puts only the dropout-family layers of a model in training mode, so
+:func:`mc_mode` makes every dropout site of a model drop (dropout modules, attention
+dropout inside ``scaled_dot_product_attention``, rates read in a forward; see
+:mod:`lightning_dropout.sites`) by turning on only the ``training`` flags that gate them, so
 BatchNorm keeps its running statistics untouched, and restores every module's mode on
 exit. :func:`mc_predict` runs the passes either looped or batched: the input is
 replicated replica-major along dimension 0 and run in one forward pass per chunk of
@@ -20,9 +22,8 @@ epistemic part; Houlsby et al. 2011).
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dropout._validation import check_bool, check_choice, check_positive_int, check_probability
-from lightning_dropout.layers import DropConnect, DropConnectLayer, is_dropout_layer, set_rate
+from lightning_dropout._validation import check_bool, check_choice, check_positive_int
+from lightning_dropout.layers import DropConnect, DropConnectLayer
+from lightning_dropout.sites import DropoutSite, find_sites, select_sites, sites_training
 
 OUTPUT_KINDS = ("logits", "probs", "regression")
 DEFAULT_MAX_ROWS = 1024
@@ -99,81 +101,30 @@ class MCOutput:
         return self.mean.clamp_min(torch.finfo(self.mean.dtype).tiny).log()
 
 
-def dropout_layers(module: nn.Module, pattern: str | None = None) -> dict[str, nn.Module]:
-    """Every dropout-family layer of ``module`` by qualified name, optionally filtered.
-
-    Dropout-family layers are this package's (including DropConnect) and torch's own
-    (``_DropoutNd`` subclasses, AlphaDropout, FeatureAlphaDropout).
-
-    Args:
-        module: the model to search (the root itself counts, under the name ``""``).
-        pattern: a glob (``fnmatch``, case-sensitive) on the qualified name, e.g.
-            ``"encoder.*"``; None for all.
-
-    Raises:
-        ValueError: ``pattern`` matches no dropout layer (the message lists those there are).
-        TypeError: ``pattern`` is neither a string nor None.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(), torch.nn.Dropout2d())
-        >>> list(dropout_layers(net)), list(dropout_layers(net, "2"))
-        (['1', '2'], ['2'])
-    """
-    layers = {name: m for name, m in module.named_modules() if is_dropout_layer(m)}
-    if pattern is None:
-        return layers
-    if not isinstance(pattern, str):
-        raise TypeError(f"pattern must be a glob string or None, got {type(pattern).__name__} {pattern!r}")
-    matched = {name: m for name, m in layers.items() if fnmatch.fnmatchcase(name, pattern)}
-    if not matched:
-        raise ValueError(
-            f"pattern {pattern!r} matches no dropout layer; the dropout layers are {list(layers)}"
-        )
-    return matched
-
-
-def set_dropout_p(module: nn.Module, p: float, pattern: str | None = None) -> dict[str, nn.Module]:
-    """Set the drop probability of ``module``'s dropout layers (those matching ``pattern``).
-
-    ``p`` is validated before any layer changes.
-
-    Args:
-        module: the model.
-        p: the new drop probability in [0, 1].
-        pattern: a glob on the qualified layer name, as in :func:`dropout_layers`.
-
-    Returns:
-        The layers that were changed, by name.
-
-    Raises:
-        TypeError: ``p`` is not a number.
-        ValueError: ``p`` outside [0, 1], ``pattern`` matches nothing, or the model has no
-            dropout layer.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Dropout())
-        >>> list(set_dropout_p(net, 0.1, "1")), net[0].p, net[1].p
-        (['1'], 0.5, 0.1)
-    """
-    p = check_probability("p", p)
-    layers = dropout_layers(module, pattern)
-    if not layers:
-        raise ValueError(f"{type(module).__name__} has no dropout layer to set p on")
-    for layer in layers.values():
-        set_rate(layer, p)
-    return layers
-
-
 @contextmanager
-def mc_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the block only the dropout-family layers of ``module`` are in training mode.
+def mc_mode(
+    module: nn.Module,
+    sites: str | Sequence[str] | None = None,
+    found: Mapping[str, DropoutSite] | None = None,
+) -> Iterator[nn.Module]:
+    """Within the block the dropout sites of ``module`` drop, and nothing else changes mode.
 
-    Only each dropout layer's own flag is set: BatchNorm, a module wrapped by
+    Every site (see :mod:`lightning_dropout.sites`) drops at its rate: dropout modules,
+    attention dropout handed to ``scaled_dot_product_attention`` as
+    ``p if self.training else 0``, rates read in a forward, ``nn.LSTM(dropout=)``.
+    Only the ``training`` flag of each site's gates is set (the dropout module; the module
+    whose code drops), never ``.train()``: BatchNorm, a module wrapped by
     :class:`DropConnect` and everything else keep their mode, so running statistics stay
     untouched. Every module's mode is restored on exit, also after an exception.
 
     Args:
         module: the model.
+        sites: only the sites matching these globs (see :mod:`lightning_dropout.selection`);
+            None for all.
+        found: the model's sites when already found (saves a search per call).
+
+    Raises:
+        ValueError: a pattern in ``sites`` matches no site.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Dropout()).eval()
@@ -183,15 +134,8 @@ def mc_mode(module: nn.Module) -> Iterator[nn.Module]:
         >>> [m.training for m in net]
         [False, False]
     """
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        for m, _ in modes:
-            if is_dropout_layer(m):
-                m.training = True
+    with sites_training(module, select_sites(module, sites, found)):
         yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextmanager
@@ -365,8 +309,10 @@ def mc_predict(
 ) -> MCOutput:
     """Monte-Carlo dropout prediction: ``n_samples`` stochastic passes of ``model(x)``.
 
-    Runs under ``torch.no_grad`` and :func:`mc_mode` (only dropout layers stochastic;
-    BatchNorm and the rest keep their mode; every mode restored afterwards).
+    Runs under ``torch.no_grad`` and :func:`mc_mode` (every dropout site stochastic,
+    attention dropout included; BatchNorm and the rest keep their mode; every mode
+    restored afterwards). Warns when the passes would all be equal (no site, or p = 0
+    everywhere).
 
     Args:
         model: the model; called as ``model(x)``.
@@ -396,14 +342,27 @@ def mc_predict(
     """
     output = check_choice("output", output, OUTPUT_KINDS)
     return_samples = check_bool("return_samples", return_samples)
-    if not dropout_layers(model):
-        warnings.warn(
-            f"{type(model).__name__} has no dropout layer: every Monte-Carlo pass is identical",
-            stacklevel=2,
-        )
-    with torch.no_grad(), mc_mode(model):
+    found = find_sites(model)
+    problem = deterministic_reason(found)
+    if problem:
+        warnings.warn(f"{type(model).__name__} {problem}: every Monte-Carlo pass is identical", stacklevel=2)
+    with torch.no_grad(), mc_mode(model, found=found):
         chunks = mc_samples(model, x, n_samples, model, check_bool("batched", batched), chunk_size)
         return summarize(chunks, output, class_dim, return_samples)
+
+
+def deterministic_reason(sites: Mapping[str, DropoutSite]) -> str | None:
+    """Why Monte-Carlo passes over a model with these sites would all be equal, or None.
+
+    Example:
+        >>> deterministic_reason({})
+        'has no dropout site'
+    """
+    if not sites:
+        return "has no dropout site"
+    if all(site.p == 0.0 for site in sites.values()):
+        return f"has p = 0 at every dropout site ({', '.join(sites)})"
+    return None
 
 
 def summarize(
@@ -502,12 +461,11 @@ def _checked_tensor(out: Any) -> Tensor:
 
 __all__ = [
     "MCOutput",
-    "dropout_layers",
+    "deterministic_reason",
     "independent_replica_masks",
     "mc_mode",
     "mc_predict",
     "mc_samples",
     "replicate",
-    "set_dropout_p",
     "summarize",
 ]

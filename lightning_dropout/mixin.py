@@ -1,7 +1,7 @@
-"""DropoutMixin: find, set and Monte-Carlo-sample the dropout layers of a LightningModule.
+"""DropoutMixin: find, set and Monte-Carlo-sample the dropout sites of a LightningModule.
 
-A thin layer over :mod:`lightning_dropout.mc` and the layers registry; it works on any
-``nn.Module`` it is mixed into, a LightningModule being the intended one.
+A thin layer over :mod:`lightning_dropout.sites` and :mod:`lightning_dropout.mc`; it works
+on any ``nn.Module`` it is mixed into, a LightningModule being the intended one.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lightning_dropout import mc
-from lightning_dropout.layers import get_rate
+from lightning_dropout import mc, sites
 from lightning_dropout.mc import MCOutput
+from lightning_dropout.sites import DropoutSite, select_sites
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 class DropoutMixin:
     """Dropout controls for a module: mix in before ``L.LightningModule``.
 
-    "Dropout layers" are this package's layers (DropConnect included) and torch's own
-    (``_DropoutNd`` subclasses, AlphaDropout, FeatureAlphaDropout), by qualified name.
+    Works on every dropout site of the module (see :mod:`lightning_dropout.sites`): dropout
+    modules (this package's, torch's, timm's, torchvision's), attention dropout, rates a
+    forward reads and ``nn.LSTM(dropout=)``, by qualified name.
     Fitted by a Trainer, it adds :class:`~lightning_dropout.callbacks.PerRankDropout`
     (see :meth:`configure_callbacks`), so DDP ranks draw their own dropout masks.
 
@@ -42,47 +43,67 @@ class DropoutMixin:
         ...     def forward(self, x):
         ...         return self.head(self.net(x))
         >>> model = Net().eval()
-        >>> model.set_dropout_p(0.3, "net.*"); model.dropout_p()
+        >>> model.set_dropout_p(0.3, "net"); model.dropout_p()
         {'net.2': 0.3}
         >>> out = model.mc_predict(torch.randn(6, 4), n_samples=10)
         >>> out.mean.shape, out.mutual_information.shape, model.training
         (torch.Size([6, 3]), torch.Size([6]), False)
     """
 
-    def dropout_layers(self, pattern: str | None = None) -> dict[str, nn.Module]:
-        """Every dropout layer by qualified name, filtered by a glob on the name.
+    def dropout_sites(self, pattern: str | Sequence[str] | None = None) -> dict[str, DropoutSite]:
+        """Every dropout site (every place the model drops) by qualified name.
+
+        Sites are dropout modules, attention dropout handed to
+        ``scaled_dot_product_attention``, rates a forward reads (``self.attention_dropout``,
+        ``self.drop_rate``), ``nn.LSTM(dropout=)`` and functional dropout with a rate
+        written in the code; see :mod:`lightning_dropout.sites`.
 
         Args:
-            pattern: an ``fnmatch`` glob such as ``"encoder.*"``; None for all.
+            pattern: a glob (or list of globs) on qualified names; a pattern naming a module
+                selects every site below it; None for all.
 
         Raises:
-            ValueError: ``pattern`` matches no dropout layer (the message lists them all).
+            ValueError: ``pattern`` matches no site (the message lists them all).
         """
-        return mc.dropout_layers(self._module(), pattern)
+        return select_sites(self._module(), pattern)
 
-    def set_dropout_p(self, p: float, pattern: str | None = None) -> None:
-        """Set the drop probability of every dropout layer matching ``pattern``.
+    def dropout_layers(self, pattern: str | Sequence[str] | None = None) -> dict[str, nn.Module]:
+        """Every dropout module by qualified name (the sites that are modules).
+
+        Args:
+            pattern: a glob (or list of globs) such as ``"encoder"`` or ``"encoder.*"``; a
+                pattern naming a module selects every dropout module below it; None for all.
+
+        Raises:
+            ValueError: ``pattern`` matches no dropout module (the message lists them all).
+        """
+        return sites.dropout_layers(self._module(), pattern)
+
+    def set_dropout_p(self, p: float, pattern: str | Sequence[str] | None = None) -> None:
+        """Set the drop probability of every dropout site matching ``pattern``.
+
+        Sites whose rate is written in code keep it and are named in a warning.
 
         Args:
             p: the new drop probability in [0, 1] (validated before anything changes).
-            pattern: an ``fnmatch`` glob on the qualified name; None for all.
+            pattern: a glob (or list of globs) on qualified site names; None for all.
 
         Raises:
             TypeError: ``p`` is not a number.
             ValueError: ``p`` outside [0, 1], a pattern that matches nothing, or no
-                dropout layer at all.
+                dropout site whose p can be set.
         """
-        mc.set_dropout_p(self._module(), p, pattern)
+        sites.set_dropout_p(self._module(), p, pattern)
 
     def dropout_p(self) -> dict[str, float]:
-        """The drop probability of every dropout layer, by qualified name."""
-        return {name: get_rate(m) for name, m in self.dropout_layers().items()}
+        """The drop probability of every dropout site whose rate is known, by qualified name."""
+        return {name: site.p for name, site in self.dropout_sites().items() if site.p is not None}
 
     def mc_dropout(self) -> AbstractContextManager[nn.Module]:
-        """A context manager under which only the dropout layers are in training mode.
+        """A context manager under which every dropout site drops.
 
-        BatchNorm and every other module keep their mode; all modes are restored on exit,
-        also after an exception.
+        Attention dropout and rates read in a forward included; BatchNorm and every other
+        module keep their mode; all modes are restored on exit, also after an exception.
         """
         return mc.mc_mode(self._module())
 

@@ -11,15 +11,7 @@ import torch
 from torch import nn
 
 from lightning_dropout import DropConnect, DropConnectConv2d, DropConnectLinear, Dropout, Dropout2d, MCOutput
-from lightning_dropout.mc import (
-    dropout_layers,
-    independent_replica_masks,
-    mc_mode,
-    mc_predict,
-    replicate,
-    set_dropout_p,
-    summarize,
-)
+from lightning_dropout.mc import independent_replica_masks, mc_mode, mc_predict, replicate, summarize
 
 
 def conv_net() -> nn.Module:
@@ -44,33 +36,6 @@ def trained_state(net: nn.Module) -> nn.Module:
     with torch.no_grad():
         net(torch.randn(16, 2, 5, 5))
     return net.eval()
-
-
-def test_dropout_layers_finds_every_family_member_by_name() -> None:
-    net = conv_net()
-    assert list(dropout_layers(net)) == ["3", "4", "6", "7", "9", "10"]
-    assert list(dropout_layers(net, "[67]")) == ["6", "7"]
-
-
-def test_pattern_matching_nothing_lists_the_layers() -> None:
-    with pytest.raises(ValueError, match=r"'encoder\.\*' matches no dropout layer.*\['3', '4'"):
-        dropout_layers(conv_net(), "encoder.*")
-    with pytest.raises(TypeError, match="pattern"):
-        dropout_layers(conv_net(), 3)  # type: ignore[arg-type]
-
-
-def test_set_dropout_p_validates_before_changing_anything() -> None:
-    net = conv_net()
-    before = {n: m.p for n, m in dropout_layers(net).items()}
-    with pytest.raises(ValueError, match="p must be in"):
-        set_dropout_p(net, 1.5)
-    with pytest.raises(TypeError, match="p must be a float"):
-        set_dropout_p(net, "0.1")  # type: ignore[arg-type]
-    assert {n: m.p for n, m in dropout_layers(net).items()} == before
-    set_dropout_p(net, 0.1, "[34]")
-    assert [m.p for m in dropout_layers(net).values()] == [0.1, 0.1, 0.2, 0.3, 0.2, 0.1]
-    with pytest.raises(ValueError, match="no dropout layer"):
-        set_dropout_p(nn.Linear(2, 2), 0.1)
 
 
 def test_mc_mode_flips_only_dropout_layers_and_restores_after_exception() -> None:
@@ -229,7 +194,7 @@ def test_bad_arguments_raise_naming_the_argument() -> None:
         mc_predict(nn.Sequential(nn.Linear(3, 1), nn.Dropout()), x)
     with pytest.raises(TypeError, match="must return a tensor"):
         mc_predict(DictNet(), x, output="regression")
-    with pytest.warns(UserWarning, match="no dropout layer"):
+    with pytest.warns(UserWarning, match="no dropout site"):
         mc_predict(nn.Linear(3, 2), x, n_samples=2)
     assert not net.training
 

@@ -47,7 +47,7 @@ def test_dropout_layers_and_rates_by_qualified_name() -> None:
 
 def test_bad_pattern_and_bad_p_are_refused() -> None:
     model = Net()
-    with pytest.raises(ValueError, match=r"'decoder\*' matches no dropout layer.*encoder\.2"):
+    with pytest.raises(ValueError, match=r"'decoder\*' matches no dropout site.*encoder\.2"):
         model.set_dropout_p(0.1, "decoder*")
     with pytest.raises(ValueError, match="p must be in"):
         model.set_dropout_p(-0.1)

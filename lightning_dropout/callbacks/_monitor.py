@@ -1,56 +1,109 @@
 """What the three monitors share: choosing the measured steps, attaching hooks only for
-those steps, and resolving which layers to watch."""
+those steps, watching dropout sites, and resolving which modules to watch."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor, nn
 
 from lightning_dropout._validation import check_positive_int
 from lightning_dropout.callbacks import _dashboard
-from lightning_dropout.layers import is_dropout_layer
+from lightning_dropout.sites import DropoutSite, FunctionalProbe, find_sites
+from lightning_dropout.sites.probe import Observer
+
+
+class Removable(Protocol):
+    def remove(self) -> None: ...
 
 
 def check_every_n_steps(value: Any) -> int | None:
     return None if value is None else check_positive_int("every_n_steps", value)
 
 
-def resolve_named_layers(
-    model: nn.Module, names: list[str], argument: str = "layers"
-) -> dict[str, nn.Module]:
-    """The modules called ``names``; unknown names raise a ValueError listing what exists.
+def first_tensor(value: Any) -> Tensor | None:
+    """The tensor, or the first item of a tuple when that is a tensor (hook arguments,
+    outputs such as timm's ``PatchDropoutWithIndices``)."""
+    value = value[0] if isinstance(value, tuple) and value else value
+    return value if isinstance(value, Tensor) else None
 
-    Raises:
-        ValueError: some names are not modules of ``model``.
+
+def watch_sites(sites: Mapping[str, DropoutSite], observe: Observer) -> list[Removable]:
+    """Hand every drop at one of ``sites`` during the next forwards to ``observe``.
+
+    Dropout modules are watched with forward hooks (when the module runs in training
+    mode); dropout a module's code does through a function call with a
+    :class:`~lightning_dropout.sites.FunctionalProbe`. Remove the returned handles after.
     """
-    modules = dict(model.named_modules())
-    unknown = [name for name in names if name not in modules]
-    if unknown:
-        known = ", ".join(repr(name) for name in modules if name) or "(none)"
-        raise ValueError(f"layers names unknown modules {unknown}; the model's modules are: {known}")
-    return {name: modules[name] for name in names}
+    handles: list[Removable] = []
+    for site in sites.values():
+        if site.is_module:
+            handles.extend(_module_hooks(site, observe))
+    probe = FunctionalProbe(sites, observe)
+    probe.open()
+    handles.append(probe)
+    return handles
 
 
-def check_layer_names(value: Any) -> list[str] | None:
+def _module_hooks(site: DropoutSite, observe: Observer) -> list[Removable]:
+    pending: list[Callable[[Tensor], None] | None] = []  # a stack: a module may run nested
+
+    def before(module: nn.Module, args: Any) -> None:
+        x = first_tensor(args)
+        if x is not None and module.training:
+            with torch.no_grad():
+                pending.append(observe(site, x))
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        if not pending:
+            return
+        finish, out = pending.pop(), first_tensor(output)
+        if finish is not None and out is not None:
+            with torch.no_grad():
+                finish(out)
+
+    return [site.module.register_forward_pre_hook(before), site.module.register_forward_hook(after)]
+
+
+def check_names(argument: str, value: Any) -> list[str] | None:
+    """A list of module-name globs (or None), validated."""
     if value is None:
         return None
-    if isinstance(value, str) or not all(isinstance(name, str) for name in value):
-        raise TypeError(f"layers must be a list of module names or None, got {value!r}")
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not all(isinstance(v, str) for v in value)
+    ):
+        raise TypeError(f"{argument} must be a list of module names or globs, or None, got {value!r}")
     return list(value)
+
+
+def resolve_modules(model: nn.Module, patterns: list[str], argument: str = "layers") -> dict[str, nn.Module]:
+    """The modules whose qualified names match one of ``patterns`` (``fnmatch`` globs on
+    the whole name, so ``"head.1"`` is that module and ``"blocks.*.mlp"`` every block's).
+
+    Raises:
+        ValueError: a pattern matches no module (the message lists the modules there are).
+    """
+    modules = {name: module for name, module in model.named_modules() if name}
+    unknown = [p for p in patterns if not any(fnmatchcase(name, p) for name in modules)]
+    if unknown:
+        known = ", ".join(repr(name) for name in modules) or "(none)"
+        raise ValueError(f"{argument} names unknown modules {unknown}; the model's modules are: {known}")
+    return {name: m for name, m in modules.items() if any(fnmatchcase(name, p) for p in patterns)}
 
 
 class StepMonitor(pl.Callback):
     """Measures every ``every_n_steps`` optimizer steps: hooks live from the measured
     batch's start to its end and are removed after it (and after fit, whatever happens).
 
-    Subclasses set ``self.layers`` in ``setup`` and implement ``_hooks`` and ``_report``.
+    Subclasses choose what they watch in ``_select`` (called in ``setup``; an empty
+    choice makes the monitor idle), attach their hooks in ``_attach`` and log in ``_report``.
     """
-
-    layers: dict[str, nn.Module]
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
@@ -58,8 +111,8 @@ class StepMonitor(pl.Callback):
         self._active = False
         self._last_step = -1
         self._measuring = False
-        self._handles: list[RemovableHandle] = []
-        self.layers = {}
+        self._handles: list[Removable] = []
+        self.watched: Mapping[str, object] = {}
 
     @property
     def _name(self) -> str:
@@ -71,30 +124,30 @@ class StepMonitor(pl.Callback):
         # Trainer sets log_every_n_steps at run time (0 with barebones=True: never measure).
         self._interval = self.every_n_steps or int(getattr(trainer, "log_every_n_steps", 50))
         self._last_step = -1
-        self.layers = self._select_layers(pl_module)
+        self.watched = self._select(pl_module)
         self._active = (
-            bool(self.layers) and self._interval > 0 and _dashboard.check_loggers(trainer, self._name)
+            bool(self.watched) and self._interval > 0 and _dashboard.check_loggers(trainer, self._name)
         )
-        if not self.layers:
-            if any(is_dropout_layer(module) for module in pl_module.modules()):
-                _dashboard.warn_once(trainer, f"no-layers-{self._name}", self._no_layers_message())
+        if not self.watched:
+            if find_sites(pl_module):
+                _dashboard.warn_once(trainer, f"no-layers-{self._name}", self._nothing_message())
             else:  # one warning for all the monitors
                 _dashboard.warn_once(
-                    trainer, "no-dropout", "The model has no dropout layers; the dropout monitors do nothing."
+                    trainer, "no-dropout", "The model has no dropout sites; the dropout monitors do nothing."
                 )
         if self._active:
             _dashboard.register_charts(trainer, *self._charts())
 
-    def _select_layers(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+    def _select(self, pl_module: pl.LightningModule) -> Mapping[str, object]:
         raise NotImplementedError
 
-    def _no_layers_message(self) -> str:
-        return f"{self._name}: none of the model's layers can be monitored."
+    def _nothing_message(self) -> str:
+        return f"{self._name}: none of the model's dropout sites can be monitored."
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
         raise NotImplementedError
 
-    def _hooks(self, name: str, module: nn.Module) -> list[RemovableHandle]:
+    def _attach(self) -> list[Removable]:
         raise NotImplementedError
 
     def _report(self, trainer: pl.Trainer, step: int) -> None:
@@ -113,8 +166,7 @@ class StepMonitor(pl.Callback):
             return
         self._last_step = step
         self._measuring = True
-        for name, module in self.layers.items():
-            self._handles.extend(self._hooks(name, module))
+        self._handles.extend(self._attach())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -130,8 +182,8 @@ class StepMonitor(pl.Callback):
         self._report(trainer, self._last_step)
 
     def _metric_sizes(self) -> dict[str, int]:
-        """Sizes of the metrics created so far, by layer; monitors sizing metrics lazily
-        (from the first activations a layer produces) override this and ``_create_metric``."""
+        """Sizes of the metrics created so far, by name; monitors sizing metrics lazily
+        (from the first activations they see) override this and ``_create_metric``."""
         return {}
 
     def _create_metric(self, name: str, size: int, device: torch.device) -> None:

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_dropout.callbacks import _dashboard
-from lightning_dropout.callbacks._monitor import StepMonitor, check_layer_names, resolve_named_layers
-from lightning_dropout.layers import get_rate, is_channel_dropout_layer
+from lightning_dropout.callbacks._monitor import Removable, StepMonitor, watch_sites
 from lightning_dropout.layers.spatial import _ChannelDropout
 from lightning_dropout.metrics import ChannelDrop
+from lightning_dropout.selection import check_patterns, select
+from lightning_dropout.sites import DropoutSite, find_sites
 
 _TORCH_SPATIAL_DIMS: dict[type[nn.Module], int] = {nn.Dropout1d: 1, nn.Dropout2d: 2, nn.Dropout3d: 3}
-
-
-def _zero_drops(module: nn.Module) -> bool:
-    """Whether ``module`` drops channels to zero (FeatureAlphaDropout sets a constant)."""
-    return is_channel_dropout_layer(module) and not isinstance(module, nn.FeatureAlphaDropout)
 
 
 def channels_first(module: nn.Module, x: Tensor) -> Tensor:
@@ -40,10 +35,10 @@ def _channel_nonzero(x: Tensor) -> Tensor:
 
 
 class ChannelDropMonitor(StepMonitor):
-    """Log the realised fraction of dropped channels of each channel-dropping layer.
+    """Log the realised fraction of dropped channels of each channel-dropping site.
 
     SpatialDropout (Tompson et al., CVPR 2015) zeroes whole channels. On each measured step,
-    for each channel-dropping layer in training mode (this package's and torch's
+    for each channel-dropping module in training mode (this package's and torch's
     Dropout1d/2d/3d), a :class:`~lightning_dropout.metrics.ChannelDrop` counts which
     (sample, channel) pairs came out all zero although they went in nonzero, and logs
     ``channel_drop/<layer>/fraction`` beside ``channel_drop/<layer>/expected`` (the layer's
@@ -51,14 +46,15 @@ class ChannelDropMonitor(StepMonitor):
     frequencies. Hooks exist only during measured steps; counts are reduced over DDP ranks.
 
     Args:
-        layers: names of the channel-dropping layers to watch; None watches them all.
+        layers: globs on qualified site names (a glob naming a module selects every
+            channel-dropping module below it); None watches them all.
         every_n_steps: measure every this many optimizer steps; None uses the trainer's
             ``log_every_n_steps``.
 
     Raises:
         TypeError: wrongly typed arguments.
-        ValueError: ``every_n_steps`` < 1; in ``setup``, ``layers`` names unknown modules or
-            modules that do not drop channels to zero.
+        ValueError: ``every_n_steps`` < 1; in ``setup``, a ``layers`` pattern that matches no
+            channel-dropping module (the error lists them).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -67,52 +63,47 @@ class ChannelDropMonitor(StepMonitor):
 
     def __init__(self, layers: list[str] | None = None, every_n_steps: int | None = None) -> None:
         super().__init__(every_n_steps)
-        self.layer_names = check_layer_names(layers)
+        self.layer_patterns = check_patterns("layers", layers)
+        self.sites: dict[str, DropoutSite] = {}
         self._metrics: dict[str, ChannelDrop] = {}
 
-    def _select_layers(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
-        if self.layer_names is None:
-            return {name: module for name, module in pl_module.named_modules() if _zero_drops(module)}
-        chosen = resolve_named_layers(pl_module, self.layer_names)
-        wrong = [name for name, module in chosen.items() if not _zero_drops(module)]
-        if wrong:
-            raise ValueError(
-                f"layers names modules that do not drop channels to zero: {wrong} "
-                "(expected Dropout1d/2d/3d, this package's or torch's)"
-            )
-        return chosen
+    def _select(self, pl_module: pl.LightningModule) -> Mapping[str, object]:
+        channel_sites = {
+            name: site
+            for name, site in find_sites(pl_module).items()
+            if site.is_module and site.kind == "channel"
+        }
+        names = select(channel_sites, self.layer_patterns, "channel-dropping module")
+        self.sites = {name: channel_sites[name] for name in names}
+        return self.sites
 
-    def _no_layers_message(self) -> str:
+    def _nothing_message(self) -> str:
         return "ChannelDropMonitor: the model has no channel-dropping layers; nothing to monitor."
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
         charts = {
             _dashboard.tag_prefix(name): [_dashboard.layer_regex("channel_drop", name, "fraction|expected")]
-            for name in self.layers
+            for name in self.sites
         }
         return _dashboard.CHANNEL_CATEGORY, charts
 
-    def _hooks(self, name: str, module: nn.Module) -> list[RemovableHandle]:
-        seen: dict[str, Tensor] = {}
+    def _attach(self) -> list[Removable]:
+        return watch_sites(self.sites, self._observe)
 
-        def before(mod: nn.Module, args: Any) -> None:
-            x = args[0] if args else None
-            if isinstance(x, Tensor) and x.dim() >= 2 and mod.training:
-                with torch.no_grad():
-                    # Taken before the call: an inplace layer overwrites its input.
-                    seen["nonzero"] = _channel_nonzero(channels_first(mod, x))
+    def _observe(self, site: DropoutSite, x: Tensor) -> Callable[[Tensor], None] | None:
+        if x.dim() < 2:
+            return None
+        module = site.module
+        # Taken before the call: an inplace layer overwrites its input.
+        nonzero = _channel_nonzero(channels_first(module, x))
 
-        def after(mod: nn.Module, args: Any, output: Any) -> None:
-            if "nonzero" not in seen or not isinstance(output, Tensor):
-                return
-            nonzero = seen.pop("nonzero")
-            with torch.no_grad():
-                dropped = ~_channel_nonzero(channels_first(mod, output)) & nonzero
-                if name not in self._metrics:
-                    self._create_metric(name, dropped.shape[1], dropped.device)
-                self._metrics[name].update(dropped, get_rate(mod), valid=nonzero)
+        def count(out: Tensor) -> None:
+            dropped = ~_channel_nonzero(channels_first(module, out)) & nonzero
+            if site.name not in self._metrics:
+                self._create_metric(site.name, dropped.shape[1], dropped.device)
+            self._metrics[site.name].update(dropped, site.p or 0.0, valid=nonzero)
 
-        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        return count
 
     def _metric_sizes(self) -> dict[str, int]:
         return {name: metric.num_channels for name, metric in self._metrics.items()}

@@ -1,24 +1,50 @@
-"""CoActivationMonitor: how strongly the units around each dropout layer co-adapt."""
+"""CoActivationMonitor: how strongly the units around each dropout site co-adapt."""
 
 from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_dropout._validation import check_bool, check_positive_int
 from lightning_dropout.callbacks import _dashboard
-from lightning_dropout.callbacks._monitor import StepMonitor, check_layer_names, resolve_named_layers
-from lightning_dropout.layers import is_dropout_layer
+from lightning_dropout.callbacks._monitor import (
+    Removable,
+    StepMonitor,
+    check_names,
+    first_tensor,
+    resolve_modules,
+    watch_sites,
+)
 from lightning_dropout.metrics import CoActivation
+from lightning_dropout.selection import check_patterns
+from lightning_dropout.sites import DropoutSite, select_sites
 
 HEATMAP_SIZE = 256
+# Sites whose input is units (or channels) that a co-activation statistic describes; not
+# attention probabilities, residual branches (drop-path) or token sets.
+UNIT_KINDS = ("dropout", "channel", "alpha", "gaussian", "dropconnect", "drop_block")
+CHANNEL_KINDS = ("channel", "drop_block")
+
+
+def unit_view(acts: Tensor, channels: bool) -> Tensor:
+    """``acts`` with its units along dimension 1: ``[B, C, *spatial]`` as is when reading
+    channels (``channels`` or 4+ dimensions), else ``[N, D]`` with the last dimension as
+    the units and every other position a sample.
+
+    Example:
+        >>> unit_view(torch.ones(2, 5, 8), channels=False).shape, unit_view(torch.ones(2, 5, 8), True).shape
+        (torch.Size([10, 8]), torch.Size([2, 5, 8]))
+    """
+    if channels or acts.dim() >= 4:
+        return acts
+    return acts.reshape(-1, acts.shape[-1])
 
 
 def _diverging_palette(levels: int) -> list[int]:
@@ -63,31 +89,47 @@ def _subset_generator(name: str) -> torch.Generator:
 
 
 class CoActivationMonitor(StepMonitor):
-    """Log unit co-activation statistics around dropout layers (Srivastava et al. 2014,
+    """Log unit co-activation statistics around dropout sites (Srivastava et al. 2014,
     Figure 8; DeCov of Cogswell et al. 2016).
 
-    On each measured step, for each watched layer, a :class:`~lightning_dropout.metrics.CoActivation`
-    sees that step's activations and logs ``coactivation/<layer>/{mean_abs_corr,decov,sparsity}``,
-    the histogram ``coactivation/<layer>/mean_activation`` and, with ``log_images``, the
-    correlation heatmap image ``coactivation/<layer>/corr``. Activations ``[B, D]`` are
-    units; ``[B, C, ...]`` are reduced per channel. Hooks exist only during measured steps.
+    On each measured step, for each watched activation, a
+    :class:`~lightning_dropout.metrics.CoActivation` sees that step's activations and logs
+    ``coactivation/<name>/{mean_abs_corr,decov,sparsity}``, the histogram
+    ``coactivation/<name>/mean_activation`` and, with ``log_images``, the correlation
+    heatmap image ``coactivation/<name>/corr``. Hooks exist only during measured steps.
+
+    What is watched: by default the input of every dropout site that drops units or
+    channels (the units it acts on): dropout modules, and ``F.dropout`` calls a module's
+    code makes at a rate of its own (BART's ``self.dropout``, timm's ``drop_rate``); not
+    attention probabilities, drop-path branches or tokens. ``sites`` narrows that choice,
+    ``layers`` watches the outputs of named modules instead (both may be given).
+
+    Which dimension holds the units: channels (dimension 1) for channel-dropping sites
+    and for activations with 4 or more dimensions (``[B, C, H, W]``); otherwise the last
+    dimension, every other position being a sample (``[batch, tokens, hidden]`` gives
+    ``batch * tokens`` samples of ``hidden`` units), so sequence lengths may vary between
+    steps (dynamic padding).
 
     Args:
-        layers: names of modules whose outputs to measure; None measures the input of
-            every dropout layer (the units it acts on).
+        layers: globs on module names (``fnmatch`` on the whole name: ``"head.1"``,
+            ``"blocks.*.mlp.act"``) whose outputs to measure; None measures dropout sites.
         every_n_steps: measure every this many optimizer steps; None uses the trainer's
             ``log_every_n_steps``.
-        max_units: at most this many units per layer (a fixed random subset) bound the cost.
+        max_units: at most this many units per activation (a fixed random subset) bound
+            the cost.
         log_images: log the correlation heatmap.
         image_interval: log the heatmap on every this-many-th measured step (step 0
             included). Encoding and writing two heatmaps cost about as much as the rest of a
             measured step, so the default (10) keeps the monitors' cost near 3% of training
             while the scalars and histograms stay on every measured step; 1 logs every time.
+        sites: globs on qualified site names (a glob naming a module selects every site
+            below it) whose inputs to measure; None for every site when ``layers`` is None.
 
     Raises:
         TypeError: wrongly typed arguments.
         ValueError: ``every_n_steps`` or ``max_units`` < 1; in ``setup``, ``layers`` names
-            modules the model does not have (the error lists those it has).
+            modules the model does not have or ``sites`` matches no site (the error lists
+            what there is).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -101,19 +143,26 @@ class CoActivationMonitor(StepMonitor):
         max_units: int = 256,
         log_images: bool = True,
         image_interval: int = 10,
+        sites: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps)
-        self.layer_names = check_layer_names(layers)
+        self.layer_names = check_names("layers", layers)
+        self.site_patterns = check_patterns("sites", sites)
         self.max_units = check_positive_int("max_units", max_units)
         self.log_images = check_bool("log_images", log_images)
         self.image_interval = check_positive_int("image_interval", image_interval)
+        self._sites: dict[str, DropoutSite] = {}
+        self._modules: dict[str, nn.Module] = {}
         self._metrics: dict[str, CoActivation] = {}
         self._subsets: dict[str, Tensor] = {}
 
-    def _select_layers(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
-        if self.layer_names is not None:
-            return resolve_named_layers(pl_module, self.layer_names)
-        return {name: module for name, module in pl_module.named_modules() if is_dropout_layer(module)}
+    def _select(self, pl_module: pl.LightningModule) -> Mapping[str, object]:
+        self._sites = {}
+        if self.layer_names is None or self.site_patterns is not None:
+            chosen = select_sites(pl_module, self.site_patterns)
+            self._sites = {name: site for name, site in chosen.items() if site.kind in UNIT_KINDS}
+        self._modules = resolve_modules(pl_module, self.layer_names) if self.layer_names else {}
+        return {**self._sites, **self._modules}
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
         charts = {
@@ -126,8 +175,30 @@ class CoActivationMonitor(StepMonitor):
         }
         return _dashboard.COACTIVATION_CATEGORY, charts
 
+    def _attach(self) -> list[Removable]:
+        handles = watch_sites(self._sites, self._observe) if self._sites else []
+        for name, module in self._modules.items():
+            handles.append(module.register_forward_hook(self._output_hook(name)))
+        return handles
+
+    def _observe(self, site: DropoutSite, x: Tensor) -> None:
+        self._record(site.name, x, channels=site.kind in CHANNEL_KINDS)
+
+    def _output_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            with torch.no_grad():
+                self._record(name, first_tensor(output), channels=False)
+
+        return hook
+
+    def _record(self, name: str, acts: Tensor | None, channels: bool) -> None:
+        if acts is None or acts.dim() < 2 or not acts.is_floating_point():
+            return
+        units = self._units(name, unit_view(acts.detach(), channels))
+        self._metrics[name].update(units)
+
     def _units(self, name: str, acts: Tensor) -> Tensor:
-        """The watched units of ``acts``: dimension 1 (features or channels), subsetted."""
+        """The watched units of ``acts`` (units along dimension 1), subsetted."""
         if name not in self._subsets:
             count = acts.shape[1]
             if count > self.max_units:
@@ -147,19 +218,6 @@ class CoActivationMonitor(StepMonitor):
 
     def _create_metric(self, name: str, size: int, device: torch.device) -> None:
         self._metrics[name] = CoActivation(size).to(device)
-
-    def _record(self, name: str, acts: Any) -> None:
-        if isinstance(acts, Tensor) and acts.dim() >= 2 and acts.is_floating_point():
-            with torch.no_grad():
-                units = self._units(name, acts.detach())
-                self._metrics[name].update(units)
-
-    def _hooks(self, name: str, module: nn.Module) -> list[RemovableHandle]:
-        if self.layer_names is not None:
-            return [module.register_forward_hook(lambda _m, _a, out: self._record(name, out))]
-        return [
-            module.register_forward_pre_hook(lambda _m, args: self._record(name, args[0] if args else None))
-        ]
 
     def _report(self, trainer: pl.Trainer, step: int) -> None:
         scalars: dict[str, float] = {}

@@ -1,132 +1,154 @@
-"""DropRateMonitor: each dropout layer's realised drop rate beside its probability ``p``."""
+"""DropRateMonitor: each dropout site's realised drop rate beside its probability ``p``."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from lightning_dropout.callbacks import _dashboard
-from lightning_dropout.callbacks._monitor import StepMonitor
-from lightning_dropout.layers import GaussianDropout, get_rate, is_dropout_layer
-from lightning_dropout.layers.dropconnect import DropConnectLayer
-from lightning_dropout.layers.weight_drop import DropConnect
+from lightning_dropout.callbacks._monitor import Removable, StepMonitor, watch_sites
 from lightning_dropout.metrics import DropRate
+from lightning_dropout.selection import check_patterns
+from lightning_dropout.sites import DropoutSite, select_sites
 
 # Their drops are not zeros of the output (alpha dropout sets a constant) or are not in
 # the activations at all (DropConnect masks weights): only p is logged for them.
-_UNOBSERVABLE = (nn.AlphaDropout, nn.FeatureAlphaDropout, DropConnectLayer, DropConnect)
+UNOBSERVABLE_KINDS = ("alpha", "dropconnect")
 
 
-def _first_tensor(args: Any) -> Tensor | None:
-    value = args[0] if isinstance(args, tuple) and args else args
-    return value if isinstance(value, Tensor) else None
-
-
-def realised_rate(module: nn.Module, measured: float) -> float:
+def realised_rate(kind: str, measured: float) -> float:
     """The drop rate a measurement shows: the drop fraction itself, or for Gaussian dropout
     the ``p`` whose noise variance ``p / (1 - p)`` equals the measured variance.
 
     Example:
-        >>> realised_rate(GaussianDropout(), 1.0), realised_rate(torch.nn.Dropout(), 0.5)
+        >>> realised_rate("gaussian", 1.0), realised_rate("dropout", 0.5)
         (0.5, 0.5)
     """
-    return measured / (1.0 + measured) if isinstance(module, GaussianDropout) else measured
+    return measured / (1.0 + measured) if kind == "gaussian" else measured
 
 
 class DropRateMonitor(StepMonitor):
-    """Log every dropout layer's probability and the drop rate it actually realised.
+    """Log every dropout site's probability and the drop rate it actually realised.
 
-    On each measured step (every ``every_n_steps`` optimizer steps), for every
-    dropout layer in training mode (this package's and torch's), logs ``dropout/<layer>/p``
-    and ``dropout/<layer>/realised``: the fraction of its nonzero inputs that came out as
-    zeros. For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p``
-    whose noise variance ``p / (1 - p)`` matches the measured one. Alpha dropout and
-    DropConnect hide their drops from the activations, so only ``p`` is logged for them.
-    Hooks exist only during measured steps. Rates are reduced over DDP ranks.
+    On each measured step (every ``every_n_steps`` optimizer steps), for every dropout
+    site (see :mod:`lightning_dropout.sites`), logs ``dropout/<site>/p`` and, where the
+    drops can be seen in the activations, ``dropout/<site>/realised``: the fraction of its
+    nonzero inputs that came out as zeros (whole tokens for PatchDropout). Dropout modules
+    are watched with hooks; dropout a module's code does with ``F.dropout`` (timm's heads,
+    BART, transformers' eager attention) through a
+    :class:`~lightning_dropout.sites.FunctionalProbe` open during the measured step only.
+    For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p`` whose
+    noise variance ``p / (1 - p)`` matches the measured one. Alpha dropout and DropConnect
+    hide their drops from the activations, and fused kernels (attention dropout inside
+    ``scaled_dot_product_attention``, ``nn.LSTM``'s between-layer dropout) hide their masks:
+    only ``p`` is logged for those, and the sites that dropped unseen are named once in a
+    warning. Rates are reduced over DDP ranks.
 
     Args:
         every_n_steps: measure every this many optimizer steps; None uses the trainer's
             ``log_every_n_steps``.
+        sites: globs on qualified site names (a glob naming a module selects every site
+            below it); None watches every site.
 
     Raises:
-        TypeError: ``every_n_steps`` is not an int or None.
-        ValueError: ``every_n_steps`` < 1.
+        TypeError: ``every_n_steps`` is not an int or None, ``sites`` not globs.
+        ValueError: ``every_n_steps`` < 1; in ``setup``, a ``sites`` pattern matching no
+            site (the error lists them).
 
     Example:
         >>> import lightning.pytorch as pl
         >>> trainer = pl.Trainer(callbacks=[DropRateMonitor()], logger=False)
     """
 
-    def __init__(self, every_n_steps: int | None = None) -> None:
+    def __init__(self, every_n_steps: int | None = None, sites: str | Sequence[str] | None = None) -> None:
         super().__init__(every_n_steps)
+        self.site_patterns = check_patterns("sites", sites)
+        self.sites: dict[str, DropoutSite] = {}
         self._rates: dict[str, DropRate] = {}
         self._p_used: dict[str, float] = {}  # the p of the measured forward, not a later one
+        self._told_unseen = False
 
-    def _select_layers(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
-        return {name: module for name, module in pl_module.named_modules() if is_dropout_layer(module)}
+    def _select(self, pl_module: pl.LightningModule) -> Mapping[str, object]:
+        self.sites = select_sites(pl_module, self.site_patterns)
+        # Created for every site up front, so every rank computes the same metrics in the
+        # same order (each compute() is a collective under DDP).
+        self._rates = {
+            name: DropRate() for name, site in self.sites.items() if site.kind not in UNOBSERVABLE_KINDS
+        }
+        self._told_unseen = False
+        return self.sites
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
         charts = {
             _dashboard.tag_prefix(name): [_dashboard.layer_regex("dropout", name, "p|realised")]
-            for name in self.layers
+            for name in self.sites
         }
         return _dashboard.RATE_CATEGORY, charts
 
-    def _hooks(self, name: str, module: nn.Module) -> list[RemovableHandle]:
-        if isinstance(module, _UNOBSERVABLE):
-            return []
-        if name not in self._rates:
-            self._rates[name] = DropRate()
-        rate = self._rates[name]
-        # An empty update: a layer skipped by this step's forward still computes (NaN, not
-        # logged) on every rank, so the ranks' collectives stay in step.
-        rate.update(0, 0)
-        gaussian = isinstance(module, GaussianDropout)
-        seen: dict[str, Tensor] = {}
+    def _attach(self) -> list[Removable]:
+        return watch_sites(self.sites, self._observe)
 
-        def before(mod: nn.Module, args: Any) -> None:
-            x = _first_tensor(args)
-            if x is None or not mod.training:
-                return
-            with torch.no_grad():
-                # Counted before the call: an inplace layer overwrites its input.
-                seen["zeros"] = x.eq(0).sum()
-                seen["x"] = x
+    def _observe(self, site: DropoutSite, x: Tensor) -> Callable[[Tensor], None] | None:
+        metric = self._rates.get(site.name)
+        if metric is None:
+            return None
+        if site.p is not None:
+            self._p_used[site.name] = site.p
+        if metric.device != x.device:
+            metric.to(x.device)
+        if site.kind == "patch_dropout":
+            prefix = int(getattr(site.module, "num_prefix_tokens", 0))
+            tokens = (x.shape[1] - prefix) * x.shape[0]
 
-        def after(mod: nn.Module, args: Any, output: Any) -> None:
-            if "x" not in seen or not isinstance(output, Tensor):
-                return
-            x = seen.pop("x")
-            zeros_in = seen.pop("zeros")
-            self._p_used[name] = get_rate(mod)
-            with torch.no_grad():
-                nonzero = x.numel() - zeros_in
-                if gaussian:
-                    ratio = torch.where(x != 0, output / torch.where(x != 0, x, 1), 1)
-                    value = (ratio - 1).square().sum()
-                else:
-                    value = output.eq(0).sum() - zeros_in
-                if rate.device != x.device:
-                    rate.to(x.device)
-                rate.update(value, nonzero)
+            def count_tokens(out: Tensor) -> None:
+                metric.update(tokens - (out.shape[1] - prefix) * out.shape[0], tokens)
 
-        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+            return count_tokens
+        # Counted before the call: an inplace drop overwrites its input.
+        zeros_in = x.eq(0).sum()
+        nonzero = x.numel() - zeros_in
+        if site.kind == "gaussian":
+
+            def noise_variance(out: Tensor) -> None:
+                ratio = torch.where(x != 0, out / torch.where(x != 0, x, 1), 1)
+                metric.update((ratio - 1).square().sum(), nonzero)
+
+            return noise_variance
+
+        def count_zeros(out: Tensor) -> None:
+            metric.update(out.eq(0).sum() - zeros_in, nonzero)
+
+        return count_zeros
 
     def _report(self, trainer: pl.Trainer, step: int) -> None:
         scalars: dict[str, float] = {}
-        for name, module in self.layers.items():
-            prefix = f"dropout/{_dashboard.tag_prefix(name)}"
-            scalars[f"{prefix}/p"] = self._p_used.get(name, get_rate(module))
-        for name in sorted(self._rates):
-            metric = self._rates[name]
+        for name, site in self.sites.items():
+            p = self._p_used.get(name, site.p)
+            if p is not None:
+                scalars[f"dropout/{_dashboard.tag_prefix(name)}/p"] = p
+        realised: set[str] = set()
+        for name, metric in self._rates.items():
             value = float(metric.compute())  # a DDP reduction: every rank runs it
             metric.reset()
-            value = realised_rate(self.layers[name], value)
-            if value == value:  # all inputs zero: nothing realised to report
-                scalars[f"dropout/{_dashboard.tag_prefix(name)}/realised"] = value
+            if value == value:  # NaN when nothing was seen
+                realised.add(name)
+                tag = f"dropout/{_dashboard.tag_prefix(name)}/realised"
+                scalars[tag] = realised_rate(self.sites[name].kind, value)
+        unseen = [
+            name
+            for name, site in self.sites.items()
+            if name not in realised and site.training and (site.p or 0.0) > 0.0
+        ]
+        if unseen and not self._told_unseen:
+            self._told_unseen = True
+            rank_zero_warn(
+                "DropRateMonitor logs only p for these dropout sites: their drops are not zeros of "
+                "the activations (alpha dropout, DropConnect), happen inside fused kernels "
+                f"(scaled_dot_product_attention, nn.LSTM, LayerDrop) or were not reached: {unseen}"
+            )
         self._p_used.clear()
         _dashboard.log_scalars(trainer, scalars, step)

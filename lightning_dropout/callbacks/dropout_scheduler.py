@@ -1,24 +1,29 @@
-"""Schedule dropout probabilities over training, per layer group, and survive a resume.
+"""Schedule dropout probabilities over training, per group of dropout sites, and survive a resume.
 
 Before every training batch :class:`DropoutScheduler` sets the drop probability of the
-layers it drives to ``schedule(index)``, where ``index`` is ``trainer.global_step``
+sites it drives to ``schedule(index)``, where ``index`` is ``trainer.global_step``
 (``interval="step"``) or ``trainer.current_epoch`` (``interval="epoch"``). The value is a
 pure function of the index, which every rank holds identically, so all DDP ranks agree
 without communicating, and a run resumed from any checkpoint (even mid-epoch) replays the
 uninterrupted run's trajectory. Nothing is changed outside training batches: validation,
 test and predict keep whatever p training left (the last scheduled value).
 
-Which layers: this package's dropout layers, torch's (``_DropoutNd`` subclasses,
-AlphaDropout, FeatureAlphaDropout) and drop-path modules exposing a float ``drop_prob``
-(timm's DropPath). Modules whose rate is a float ``p`` but which are not dropout layers
-(torchvision's StochasticDepth) are driven only when ``targets`` names them, since a float
-``p`` alone (a norm's order, a loss's exponent) does not make a module a dropout layer.
+Which sites: every dropout site of the model (see :mod:`lightning_dropout.sites`):
+dropout modules (this package's, torch's, timm's DropPath / DropBlock2d / PatchDropout,
+torchvision's StochasticDepth), attention dropout, rates a forward reads
+(``attention_dropout``, ``drop_rate``), ``nn.LSTM(dropout=)``. Sites whose rate is written
+in the code cannot be set; they are named in a warning.
+
+Drop-path depth profiles: timm and torchvision build drop-path rates that grow with depth
+(0.014 ... 0.1). A group's drop-path sites keep that profile: the largest built rate
+follows the schedule and the others keep their proportion to it (``depth_profile=False``
+sets them all to the schedule's value).
 
 torch.compile: this package's activation-dropout layers hold p in a float tensor buffer
 as well as in the Python float ``layer.p``; compiled graphs read the tensor, so a p that
 changes every step is a graph input rather than a guarded constant and causes no
-recompilation. torch's own dropout layers (and drop-path modules) take p as a Python
-float, which torch.compile specialises on: each new value recompiles until the
+recompilation. torch's own dropout layers (and every float rate attribute) take p as a
+Python float, which torch.compile specialises on: each new value recompiles until the
 recompile limit (8), after which the module runs uncompiled. Use this package's layers in
 compiled models whose p is scheduled.
 """
@@ -33,10 +38,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_dropout._validation import check_choice, check_probability
-from lightning_dropout.layers import get_rate, is_dropout_layer, rate_attribute, set_rate
+from lightning_dropout._validation import check_bool, check_choice, check_probability
 from lightning_dropout.schedules import Schedule
-from lightning_dropout.selection import matches_name
+from lightning_dropout.selection import assign, matches_name
+from lightning_dropout.sites import DropoutSite, find_sites
+from lightning_dropout.sites.discovery import GENERIC_RATE_ATTRIBUTES
 
 INTERVALS = ("step", "epoch")
 SINGLE_GROUP = "all"
@@ -47,12 +53,14 @@ Target = str | type[nn.Module]
 class DropoutScheduler(Callback):
     """Set dropout probabilities from schedules before every training batch, and log them.
 
-    ``schedule`` is one :class:`~lightning_dropout.schedules.Schedule` for every driven
-    layer (the group is then called ``"all"``), or a mapping ``{pattern: schedule}`` of
-    layer groups. A pattern is a glob (``fnmatch``) on the names of
-    ``pl_module.named_modules()``; it also takes in every layer below a module it matches,
-    so ``"encoder"`` means every dropout layer inside ``encoder``. Each group must match at
-    least one layer and no layer may belong to two groups.
+    ``schedule`` is one :class:`~lightning_dropout.schedules.Schedule` for every dropout
+    site (the group is then called ``"all"``), or a mapping ``{pattern: schedule}`` of site
+    groups. A pattern is a glob on qualified site names (``"encoder"``,
+    ``"*attention*"``, ``"blocks.*.drop_path"``); a pattern naming a module takes in every
+    site below it. A site matched by several patterns belongs to the most specific one
+    (see :mod:`lightning_dropout.selection`), so ``{"*attention*": ..., "*": ...}`` gives
+    attention its own schedule and everything else the catch-all. Sites no pattern
+    matches keep their rate.
 
     Lengths given as fractions (``Linear(0.0, 0.3, steps=0.5)``) are resolved against
     ``trainer.estimated_stepping_batches`` (``interval="step"``) or ``trainer.max_epochs``
@@ -63,20 +71,24 @@ class DropoutScheduler(Callback):
     logs (``log_every_n_steps``), at the same step as the training metrics.
 
     Args:
-        schedule: a schedule, or a non-empty mapping from layer-name patterns to schedules.
-        targets: narrows the driven layers: a string is a glob on the layer's name or the
-            exact name of its class (or a base class, e.g. ``"Dropout2d"``), a type matches
-            its instances; a list matches layers matched by any entry. Naming a module
-            type whose rate is a float ``p`` (e.g. ``"StochasticDepth"``) also opts it in.
+        schedule: a schedule, or a non-empty mapping from site patterns to schedules.
+        targets: more modules to drive, beyond the sites found by default: a string is a
+            glob on module names or the name of a module class (or a base class), a type
+            matches its instances; a list adds what any entry matches. A module named here
+            is driven through its rate attribute (``p``, ``drop_prob``, ``prob`` or
+            ``drop_rate``).
         interval: ``"step"`` (index = ``trainer.global_step``) or ``"epoch"`` (index =
             ``trainer.current_epoch``).
+        depth_profile: keep the built proportions between a group's drop-path sites
+            (True), or set them all to the schedule's value (False).
 
     Raises:
         TypeError: ``schedule`` is not a Schedule or a mapping of str to Schedule, or
             ``targets`` holds something other than strings and module types.
         ValueError: an empty ``schedule`` mapping or pattern, empty ``targets``, or an
-            unknown ``interval``. At fit start: a group or ``targets`` matching no layer,
-            overlapping groups, or fractional lengths in a run of unknown length.
+            unknown ``interval``. At fit start: a model without dropout sites, a group or
+            ``targets`` entry matching nothing, two equally specific patterns for one site,
+            or fractional lengths in a run of unknown length.
 
     Example:
         >>> from lightning_dropout.schedules import Constant, Linear
@@ -89,69 +101,72 @@ class DropoutScheduler(Callback):
         schedule: Schedule | dict[str, Schedule],
         targets: str | type[nn.Module] | list[str | type[nn.Module]] | None = None,
         interval: str = "step",
+        depth_profile: bool = True,
     ) -> None:
         self.schedules = check_schedules(schedule)
         self.targets = check_targets(targets)
         self.interval = check_choice("interval", interval, INTERVALS)
+        self.depth_profile = check_bool("depth_profile", depth_profile)
         self._single = isinstance(schedule, Schedule)
-        self._groups: dict[str, list[nn.Module]] = {}
+        self._groups: dict[str, list[DropoutSite]] = {}
         self._resolved: dict[str, Schedule] = {}
         self._total: int | None = None
         self._restored: dict[str, Any] | None = None
+        # Site name -> its share of the group's p (drop-path depth profiles), kept across
+        # fits and checkpoints: once scheduled, the model no longer shows the built rates.
+        self._shares: dict[str, float] = {}
 
     def __repr__(self) -> str:
         schedule = self.schedules[SINGLE_GROUP] if self._single else self.schedules
         targets = "" if self.targets is None else f", targets={self.targets!r}"
         interval = "" if self.interval == "step" else f", interval={self.interval!r}"
-        return f"{type(self).__name__}({schedule!r}{targets}{interval})"
+        profile = "" if self.depth_profile else ", depth_profile=False"
+        return f"{type(self).__name__}({schedule!r}{targets}{interval}{profile})"
 
-    def find_groups(self, module: nn.Module) -> dict[str, list[nn.Module]]:
-        """The layers of ``module`` each group drives, by group name.
+    @property
+    def groups(self) -> dict[str, list[DropoutSite]]:
+        """The sites each group drives during fit, by group name (empty outside fit)."""
+        return self._groups
+
+    def find_groups(self, module: nn.Module) -> dict[str, list[DropoutSite]]:
+        """The settable sites of ``module`` each group drives, by group name.
 
         Raises:
-            ValueError: ``targets`` or a group matches no layer, or two groups share one.
+            ValueError: no dropout site, ``targets`` or a group matching nothing, or two
+                equally specific patterns for one site.
 
         Example:
             >>> from lightning_dropout.schedules import Constant
             >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
             >>> DropoutScheduler(Constant(0.1)).find_groups(net)
-            {'all': [Dropout(p=0.5, inplace=False)]}
+            {'all': [DropoutSite('1', kind='dropout', p=0.5)]}
         """
-        layers = {name: m for name, m in module.named_modules() if name and self._drives(name, m)}
-        if not layers:
-            where = "" if self.targets is None else f" matching targets={self.targets!r}"
-            raise ValueError(f"DropoutScheduler found no dropout layer{where} in {type(module).__name__}")
-        if self._single:
-            return {SINGLE_GROUP: list(layers.values())}
-        groups: dict[str, list[nn.Module]] = {}
-        owner: dict[str, str] = {}
-        for pattern in self.schedules:
-            names = [name for name in layers if matches_name(name, pattern)]
-            if not names:
+        found = find_sites(module, include=self._targeted if self.targets else None)
+        if not found:
+            raise ValueError(f"DropoutScheduler found no dropout site in {type(module).__name__}")
+        for target in self.targets or ():
+            if not any(
+                site.is_module and matches_target(name, site.module, target) for name, site in found.items()
+            ):
                 raise ValueError(
-                    f"schedule pattern {pattern!r} matches no dropout layer; the layers are {sorted(layers)}"
+                    f"targets entry {target!r} matches no module with a drop rate "
+                    f"({', '.join(GENERIC_RATE_ATTRIBUTES)}) in {type(module).__name__}"
                 )
-            for name in names:
-                if name in owner:
-                    raise ValueError(
-                        f"schedule patterns {owner[name]!r} and {pattern!r} overlap: "
-                        f"both match layer {name!r}"
-                    )
-                owner[name] = pattern
-            groups[pattern] = [layers[name] for name in names]
-        return groups
+        assigned = {SINGLE_GROUP: list(found)} if self._single else assign(found, list(self.schedules))
+        fixed = sorted(name for names in assigned.values() for name in names if not found[name].settable)
+        if fixed:
+            rank_zero_warn(
+                f"DropoutScheduler cannot set these dropout sites (their rate is written in code): {fixed}"
+            )
+        return {group: [found[n] for n in names if found[n].settable] for group, names in assigned.items()}
 
-    def _drives(self, name: str, module: nn.Module) -> bool:
-        attribute = rate_attribute(module)
-        if attribute is None:
-            return False
-        if self.targets is None:
-            return is_dropout_layer(module) or attribute == "drop_prob"
-        return any(matches_target(name, module, target) for target in self.targets)
+    def _targeted(self, name: str, module: nn.Module) -> bool:
+        return any(matches_target(name, module, target) for target in self.targets or ())
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here rather than in setup: layers built in configure_model exist only from now on.
         self._groups = self.find_groups(pl_module)
+        self._shares = {**depth_shares(self._groups), **self._shares} if self.depth_profile else {}
         if any(s.is_fractional() for s in self.schedules.values()) and self._total is None:
             self._total = self._run_length(trainer)
         current = {"interval": self.interval, "schedules": self._schedule_reprs()}
@@ -184,9 +199,10 @@ class DropoutScheduler(Callback):
         index = trainer.global_step if self.interval == "step" else trainer.current_epoch
         rates = self.rates(index)
         for group, p in rates.items():
-            for layer in self._groups[group]:
-                if get_rate(layer) != p:
-                    set_rate(layer, p)
+            for site in self._groups[group]:
+                target = p * self._shares.get(site.name, 1.0)
+                if site.p != target:
+                    site.set_p(target)
         # The trainer's own rule for when to log, as LearningRateMonitor uses it.
         if trainer.loggers and trainer._logger_connector.should_update_logs:
             metrics = {f"dropout/{group}/p": p for group, p in rates.items()}
@@ -217,14 +233,41 @@ class DropoutScheduler(Callback):
             self._total = self._restored = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"interval": self.interval, "total": self._total, "schedules": self._schedule_reprs()}
+        return {
+            "interval": self.interval,
+            "total": self._total,
+            "schedules": self._schedule_reprs(),
+            "shares": dict(self._shares),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._total = state_dict.get("total")
+        self._shares = dict(state_dict.get("shares", {}))
         self._restored = {"interval": state_dict.get("interval"), "schedules": state_dict.get("schedules")}
 
     def _schedule_reprs(self) -> dict[str, str]:
         return {group: repr(s) for group, s in self.schedules.items()}
+
+
+def depth_shares(groups: dict[str, list[DropoutSite]]) -> dict[str, float]:
+    """Each drop-path site's rate over the largest drop-path rate of its group.
+
+    Example:
+        >>> holders = [torch.nn.Module() for _ in range(3)]
+        >>> for holder, p in zip(holders, (0.05, 0.1, 0.2)):
+        ...     holder.drop_prob = p
+        >>> sites = [DropoutSite(f"b{i}", "drop_path", h, (h,), h, "drop_prob")
+        ...          for i, h in enumerate(holders)]
+        >>> depth_shares({"all": sites})
+        {'b0': 0.25, 'b1': 0.5, 'b2': 1.0}
+    """
+    shares: dict[str, float] = {}
+    for sites in groups.values():
+        paths = [site for site in sites if site.kind == "drop_path"]
+        top = max((site.p or 0.0 for site in paths), default=0.0)
+        if top > 0.0:
+            shares.update({site.name: (site.p or 0.0) / top for site in paths})
+    return shares
 
 
 def matches_target(name: str, module: nn.Module, target: Target) -> bool:
@@ -260,7 +303,7 @@ def check_schedules(schedule: Any) -> dict[str, Schedule]:
             f"{schedule!r}"
         )
     if not schedule:
-        raise ValueError("schedule must map at least one layer pattern to a Schedule, got an empty mapping")
+        raise ValueError("schedule must map at least one site pattern to a Schedule, got an empty mapping")
     for pattern, value in schedule.items():
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"schedule patterns must be non-empty strings, got {pattern!r}")

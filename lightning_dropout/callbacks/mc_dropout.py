@@ -3,8 +3,9 @@
 Lightning puts every module in eval mode before these loops (and restores the modes
 after), so dropout silently goes deterministic and ``model.train()`` would corrupt
 BatchNorm statistics. This callback leaves Lightning's mode switching alone and instead,
-in the chosen stages, runs each step ``n_samples`` times with only the dropout-family
-layers stochastic (Gal & Ghahramani, ICML 2016):
+in the chosen stages, runs each step ``n_samples`` times with every dropout site
+stochastic, attention dropout and rates read in a forward included (Gal & Ghahramani,
+ICML 2016):
 
 - predict: ``predict_step`` runs ``n_samples`` times per batch and ``trainer.predict``
   returns one :class:`~lightning_dropout.MCOutput` per batch.
@@ -24,7 +25,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
-from lightning_dropout.mc import OUTPUT_KINDS, MCOutput, dropout_layers, mc_mode, mc_samples, summarize
+from lightning_dropout.mc import OUTPUT_KINDS, MCOutput, deterministic_reason, mc_mode, mc_samples, summarize
+from lightning_dropout.sites import DropoutSite, find_sites
 
 STAGES = ("predict", "test", "validate")
 
@@ -80,13 +82,8 @@ class MCDropout(L.Callback):
         self.return_samples = check_bool("return_samples", return_samples)
         self._restore: dict[str, Callable[[], None]] = {}
         self._forward_calls = 0
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not dropout_layers(pl_module):
-            rank_zero_warn(
-                f"MCDropout: {type(pl_module).__name__} has no dropout layer, so every Monte-Carlo "
-                "pass is identical"
-            )
+        self._sites: dict[str, DropoutSite] = {}
+        self._warned = False
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "predict" in self.stages:
@@ -143,7 +140,7 @@ class MCDropout(L.Callback):
             def one_pass(replicated: Any) -> Any:
                 return step(replicated, *rest, **kwargs)
 
-            with mc_mode(pl_module):
+            with mc_mode(pl_module, found=self._sites):
                 chunks = mc_samples(one_pass, batch, self.n_samples, pl_module, self.batched, self.chunk_size)
                 result = summarize(chunks, self.output, self.class_dim, self.return_samples and summary)
             return result if summary else result.log_mean()
@@ -164,6 +161,14 @@ class MCDropout(L.Callback):
                 vars(pl_module).pop(name, None)
 
         self._forward_calls = 0
+        # Found once per loop (layers built in configure_model exist by now).
+        self._sites = find_sites(pl_module)
+        problem = deterministic_reason(self._sites)
+        if problem and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"MCDropout: {type(pl_module).__name__} {problem}, so every Monte-Carlo pass is identical"
+            )
         setattr(pl_module, name, self._mc_step(pl_module, getattr(pl_module, name), summary))
         self._restore[name] = restore
 

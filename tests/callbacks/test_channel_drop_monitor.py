@@ -14,12 +14,14 @@ SIGMAS = 4.0
 
 
 def measured(layer: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    monitor = ChannelDropMonitor()
-    handles = monitor._hooks("layer", layer)
-    layer(x)
+    """One measured forward through ``layer``, as a measured step runs it."""
+    monitor, model = ChannelDropMonitor(), nn.Sequential(layer)
+    monitor._select(model)
+    handles = monitor._attach()
+    model(x)
     for handle in handles:
         handle.remove()
-    return monitor._metrics["layer"].compute()
+    return monitor._metrics["0"].compute()
 
 
 @pytest.mark.parametrize(
@@ -60,4 +62,5 @@ def test_arguments_are_validated() -> None:
     with pytest.raises(ValueError, match="every_n_steps"):
         ChannelDropMonitor(every_n_steps=0)
     with pytest.raises(TypeError, match="layers"):
-        ChannelDropMonitor(layers="features.2")  # type: ignore[arg-type]
+        ChannelDropMonitor(layers=[2])  # type: ignore[list-item]
+    assert ChannelDropMonitor(layers="features.2").layer_patterns == ["features.2"]  # one glob

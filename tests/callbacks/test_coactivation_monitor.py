@@ -13,17 +13,17 @@ from lightning_dropout.callbacks.coactivation_monitor import correlation_png
 
 
 def test_measures_a_fixed_subset_of_the_dropout_layers_input() -> None:
-    monitor = CoActivationMonitor(max_units=5)
-    layer = Dropout(0.5)
+    monitor, model = CoActivationMonitor(max_units=5), torch.nn.Sequential(Dropout(0.5))
+    monitor._select(model)
     x = torch.randn(50, 20, dtype=torch.float64)
     for _ in range(2):  # the subset stays the same from step to step
-        handles = monitor._hooks("drop", layer)
-        layer(x)
+        handles = monitor._attach()
+        model(x)
         for handle in handles:
             handle.remove()
-    subset = monitor._subsets["drop"]
+    subset = monitor._subsets["0"]
     assert len(subset) == 5
-    out = monitor._metrics["drop"].compute()
+    out = monitor._metrics["0"].compute()
     expected = np.corrcoef(x[:, subset].numpy(), rowvar=False)  # the input, not the dropped output
     np.testing.assert_allclose(out["corr"].numpy(), expected, atol=1e-9)
 

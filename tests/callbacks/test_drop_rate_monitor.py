@@ -20,13 +20,13 @@ SIGMAS = 4.0
 
 def realised(layer: nn.Module, x: torch.Tensor) -> float:
     """One measured forward through ``layer``, as a measured step runs it."""
-    monitor = DropRateMonitor()
-    monitor.layers = {"layer": layer}
-    handles = monitor._hooks("layer", layer)
-    layer(x)
+    monitor, model = DropRateMonitor(), nn.Sequential(layer)
+    monitor._select(model)
+    handles = monitor._attach()
+    model(x)
     for handle in handles:
         handle.remove()
-    return realised_rate(layer, monitor._rates["layer"].compute().item())
+    return realised_rate(monitor.sites["0"].kind, monitor._rates["0"].compute().item())
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,8 @@ def test_eval_mode_layers_are_not_measured() -> None:
 
 def test_dropconnect_logs_only_p() -> None:
     monitor = DropRateMonitor()
-    assert monitor._hooks("fc", DropConnectLinear(4, 4)) == []
+    monitor._select(nn.Sequential(DropConnectLinear(4, 4)))
+    assert list(monitor.sites) == ["0"] and not monitor._rates
 
 
 class DropConnectNet(pl.LightningModule):

@@ -175,7 +175,7 @@ def test_no_logger_warns_once_and_does_nothing(tmp_path: Path) -> None:
 
 
 def test_model_without_dropout_warns_once_and_trains(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="no dropout layers") as record:
+    with pytest.warns(UserWarning, match="no dropout sites") as record:
         fit(tmp_path, all_monitors(), model=SmallNet(dropout=False), logger=TensorBoardLogger(tmp_path))
     assert sum("dropout" in str(w.message) and "monitor" in str(w.message) for w in record) == 1
 
@@ -195,7 +195,7 @@ def test_named_layers_measure_outputs_with_a_fixed_unit_subset(tmp_path: Path) -
 def test_unknown_layer_names_raise_listing_what_exists(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown modules \['head.9'\].*'head.3'"):
         fit(tmp_path, [CoActivationMonitor(layers=["head.9"])])
-    with pytest.raises(ValueError, match=r"do not drop channels.*'head.3'"):
+    with pytest.raises(ValueError, match=r"'head.3' matches no channel-dropping module.*'features.2'"):
         fit(tmp_path, [ChannelDropMonitor(layers=["head.3"])])
 
 

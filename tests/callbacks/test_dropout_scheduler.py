@@ -17,30 +17,39 @@ import lightning_dropout as ld
 from lightning_dropout.callbacks import DropoutScheduler
 from lightning_dropout.layers import get_rate
 from lightning_dropout.schedules import Chain, Constant, Cosine, Curriculum, Linear, Schedule, Step
+from tests._models import StochasticDepth
 
 BATCHES_PER_EPOCH = 4
 
 
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    if not training or drop_prob == 0.0:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - drop_prob)
+    return x * keep / (1 - drop_prob)
+
+
 class DropPath(nn.Module):
-    """A drop-path style module as timm writes it: the rate in a float ``drop_prob``."""
+    """Drop-path as the many copies of timm's write it: a float ``drop_prob``, dropped
+    through a function."""
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return drop_path(x, self.drop_prob, self.training)
 
 
-class StochasticDepth(nn.Module):
-    """torchvision's StochasticDepth keeps its rate in a float ``p``."""
+class RandomMask(nn.Module):
+    """Drops with a float ``p`` in a form no rule recognises: needs ``targets`` to be scheduled."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x * (torch.rand_like(x) >= self.p) if self.training else x
 
 
 class Net(pl.LightningModule):
@@ -50,12 +59,13 @@ class Net(pl.LightningModule):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(4, 8), ld.Dropout(0.5), nn.Dropout(0.5), ld.Dropout1d(0.5))
         self.head = nn.Sequential(DropPath(0.0), nn.Linear(8, 1))
-        self.depth = StochasticDepth(0.0)
+        self.depth = StochasticDepth(0.0, "row")
+        self.mask = RandomMask(0.0)
         self.loss_fn = nn.TripletMarginLoss(p=2.0)  # a float p that is not a drop rate
         self.seen: list[tuple[int, int, dict[str, float]]] = []
 
     def rates(self) -> dict[str, float]:
-        names = ["encoder.1", "encoder.2", "encoder.3", "head.0", "depth"]
+        names = ["encoder.1", "encoder.2", "encoder.3", "head.0", "depth", "mask"]
         modules = dict(self.named_modules())
         return {name: get_rate(modules[name]) for name in names}
 
@@ -124,7 +134,7 @@ def make_trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) ->
     return pl.Trainer(callbacks=callbacks, **options)
 
 
-DEFAULT_LAYERS = ("encoder.1", "encoder.2", "encoder.3", "head.0")
+DEFAULT_SITES = ("encoder.1", "encoder.2", "encoder.3", "head.0", "depth")
 
 
 def test_p_inside_training_step_is_the_schedule_at_the_global_step(tmp_path: Path) -> None:
@@ -134,9 +144,9 @@ def test_p_inside_training_step_is_the_schedule_at_the_global_step(tmp_path: Pat
     resolved = schedule.resolve(10)  # estimated_stepping_batches = max_steps
     assert [step for step, _, _ in model.seen] == list(range(10))
     for step, _, rates in model.seen:
-        for name in DEFAULT_LAYERS:
+        for name in DEFAULT_SITES:
             assert rates[name] == resolved(step), (name, step)
-        assert rates["depth"] == 0.0  # a float p is driven only when targets name it
+        assert rates["mask"] == 0.0  # a float p alone is driven only when targets name it
     assert model.loss_fn.p == 2.0
     assert {rates["encoder.1"] for _, _, rates in model.seen} >= {0.0, 0.4, 0.1}
 
@@ -172,8 +182,13 @@ def test_gradient_accumulation_indexes_by_optimizer_step(tmp_path: Path) -> None
 def test_groups_targets_and_logging(tmp_path: Path) -> None:
     logger, second_logger = MemoryLogger(), MemoryLogger()
     scheduler = DropoutScheduler(
-        {"encoder": Linear(0.1, 0.3, steps=4), "head": Constant(0.05), "dep*": Curriculum(0.2, gamma=0.5)},
-        targets=["encoder.*", DropPath, "StochasticDepth"],
+        {
+            "encoder": Linear(0.1, 0.3, steps=4),
+            "head": Constant(0.05),
+            "dep*": Curriculum(0.2, gamma=0.5),
+            "mask": Constant(0.01),
+        },
+        targets=["encoder.*", DropPath, "RandomMask"],
     )
     model = Net()
     trainer = make_trainer(
@@ -185,6 +200,7 @@ def test_groups_targets_and_logging(tmp_path: Path) -> None:
         assert rates["encoder.1"] == rates["encoder.2"] == rates["encoder.3"] == encoder(step)
         assert rates["head.0"] == head(step)
         assert rates["depth"] == depth(step)
+        assert rates["mask"] == 0.01  # added by targets
     # Logged whenever the trainer logs its own metrics, at the same steps, to every logger.
     loss_steps = set(logger.steps_of("loss"))
     assert loss_steps == {1, 3, 5, 7}
@@ -326,23 +342,34 @@ def test_bad_arguments_raise_naming_the_argument(build, error, match) -> None:
 
 def test_group_checks() -> None:
     net = Net()
-    with pytest.raises(ValueError, match="schedule pattern 'decoder' matches no dropout layer"):
-        DropoutScheduler({"encoder": Constant(0.1), "decoder": Constant(0.1)}).find_groups(net)
-    with pytest.raises(ValueError, match=r"overlap: both match layer 'encoder\.1'"):
-        DropoutScheduler({"encoder": Constant(0.1), "encoder.1": Constant(0.2)}).find_groups(net)
-    with pytest.raises(ValueError, match="targets="):
-        DropoutScheduler(Constant(0.1), targets="decoder*").find_groups(net)
-    with pytest.raises(ValueError, match="no dropout layer"):
-        DropoutScheduler(Constant(0.1)).find_groups(nn.Linear(2, 2))
     encoder = net.encoder
-    by_type = DropoutScheduler(Constant(0.1), targets=nn.Dropout).find_groups(net)
-    assert by_type == {"all": [encoder[2]]}
-    by_class_name = DropoutScheduler({"enc*": Constant(0.1)}, targets="Dropout").find_groups(net)
-    assert by_class_name == {"enc*": [encoder[1], encoder[2]]}
-    by_base_class_name = DropoutScheduler(Constant(0.1), targets="DropoutBase").find_groups(net)
-    assert by_base_class_name == {"all": [encoder[1], encoder[3]]}
-    with pytest.raises(ValueError, match=r"'encoder\.1' and '\*' overlap"):
-        DropoutScheduler({"encoder.1": Constant(0.1), "*": Constant(0.2)}).find_groups(net)
+    with pytest.raises(ValueError, match="pattern 'decoder' matches no dropout site"):
+        DropoutScheduler({"encoder": Constant(0.1), "decoder": Constant(0.1)}).find_groups(net)
+    with pytest.raises(ValueError, match="targets entry 'decoder\\*' matches no module with a drop rate"):
+        DropoutScheduler(Constant(0.1), targets="decoder*").find_groups(net)
+    with pytest.raises(ValueError, match="no dropout site"):
+        DropoutScheduler(Constant(0.1)).find_groups(nn.Linear(2, 2))
+    # Equally specific for encoder.1: both match it at depth 2 with 5 literal characters.
+    with pytest.raises(ValueError, match=r"'enc\*\.1' and '\*der\.1' are equally specific for dropout site"):
+        DropoutScheduler({"enc*.1": Constant(0.1), "*der.1": Constant(0.2)}).find_groups(net)
+
+    def modules(groups: dict) -> dict:
+        return {group: [site.module for site in sites] for group, sites in groups.items()}
+
+    # The most specific pattern wins; "*" is the catch-all.
+    nested = DropoutScheduler({"encoder": Constant(0.1), "encoder.1": Constant(0.2), "*": Constant(0.3)})
+    assert modules(nested.find_groups(net)) == {
+        "encoder": [encoder[2], encoder[3]],
+        "encoder.1": [encoder[1]],
+        "*": [net.head[0], net.depth],
+    }
+    # targets add to the default sites, by type or by class name (bases included).
+    by_type = DropoutScheduler(Constant(0.1), targets=RandomMask).find_groups(net)
+    assert modules(by_type)["all"] == [encoder[1], encoder[2], encoder[3], net.head[0], net.depth, net.mask]
+    by_class_name = DropoutScheduler({"mask": Constant(0.1)}, targets="RandomMask").find_groups(net)
+    assert modules(by_class_name) == {"mask": [net.mask]}
+    by_base_class_name = DropoutScheduler({"mask": Constant(0.1)}, targets="Module").find_groups(net)
+    assert modules(by_base_class_name) == {"mask": [net.mask]}
 
 
 def test_fractions_need_a_known_run_length(tmp_path: Path) -> None:

@@ -200,7 +200,7 @@ def test_a_model_without_dropout_gets_a_warning(tmp_path: Path) -> None:
         def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.layer(batch[0])
 
-    with pytest.warns(UserWarning, match="no dropout layer"):
+    with pytest.warns(UserWarning, match="no dropout site"):
         trainer(tmp_path, [MCDropout(n_samples=2)]).predict(NoDropout(), loader())
 
 
