@@ -48,6 +48,10 @@ def setup() -> None:
     print("installing lightning-dropout and its dev tools into .venv", flush=True)
     # compat mode: a plain path entry, so a checkout's own files always win on sys.path.
     _run(*pip, "-e", ".[dev,demo]", "--config-settings", "editable_mode=compat")
+    # timm for the site tests, without its torchvision requirement: the registry's
+    # torchvision is a CUDA build that fails to import beside the CPU torch and then
+    # breaks `import lightning`. The tests import timm with a stand-in (tests/_models.py).
+    _run(*pip, "--no-deps", "timm")
     STAMP.write_text(_fingerprint())
 
 

@@ -47,7 +47,9 @@ class _PlaceholderModule(types.ModuleType):
 
 
 class _StandInTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname == "torchvision" or fullname.startswith("torchvision."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
@@ -230,3 +232,14 @@ class StochasticDepth(nn.Module):
 
 
 StochasticDepth.__module__ = "torchvision.ops.stochastic_depth"
+
+
+class Logits(nn.Module):
+    """A transformers model as a module mapping one input tensor to its logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hf_logits(self.model, x)

@@ -30,7 +30,7 @@ Charts = dict[str, list[str]]
 class _RunDashboard:
     categories: dict[str, Charts] = field(default_factory=dict)
     layout_written: bool = False
-    warned: set[str] = field(default_factory=set)
+    said: set[str] = field(default_factory=set)
 
 
 _RUNS: weakref.WeakKeyDictionary[pl.Trainer, _RunDashboard] = weakref.WeakKeyDictionary()
@@ -80,11 +80,18 @@ def write_layout(trainer: pl.Trainer) -> None:
         logger.experiment.add_custom_scalars(layout)
 
 
+def first_time(trainer: pl.Trainer, key: str) -> bool:
+    """True the first time this run asks under ``key``: for what is said once per run."""
+    run = _run(trainer)
+    if key in run.said:
+        return False
+    run.said.add(key)
+    return True
+
+
 def warn_once(trainer: pl.Trainer, key: str, message: str) -> None:
     """``rank_zero_warn`` ``message`` unless this run already warned under ``key``."""
-    run = _run(trainer)
-    if key not in run.warned:
-        run.warned.add(key)
+    if first_time(trainer, key):
         rank_zero_warn(message)
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_dropout._validation import check_positive_int
 from lightning_dropout.callbacks import _dashboard
+from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
 from lightning_dropout.sites import DropoutSite, FunctionalProbe, find_sites
 from lightning_dropout.sites.probe import Observer
 
@@ -154,12 +155,15 @@ class StepMonitor(pl.Callback):
         raise NotImplementedError
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report_sites(trainer, pl_module)
         if self._active:
             _dashboard.write_layout(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx == 0:  # user code may have changed modes since the last epoch
+            warn_sites_in_eval(trainer, find_sites(pl_module))
         step = trainer.global_step
         # Under gradient accumulation several batches share a step: measure the first.
         if not self._active or step % self._interval or step == self._last_step:

@@ -90,6 +90,10 @@ class DropRateMonitor(StepMonitor):
         return _dashboard.RATE_CATEGORY, charts
 
     def _attach(self) -> list[Removable]:
+        for metric in self._rates.values():
+            # An empty update: a site this step does not reach computes NaN (not logged)
+            # without torchmetrics warning that compute() came before update().
+            metric.update(0, 0)
         return watch_sites(self.sites, self._observe)
 
     def _observe(self, site: DropoutSite, x: Tensor) -> Callable[[Tensor], None] | None:

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_dropout._validation import check_bool, check_choice, check_probability
+from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.selection import assign, matches_name
 from lightning_dropout.sites import DropoutSite, find_sites
@@ -160,6 +161,10 @@ class DropoutScheduler(Callback):
             )
         return {group: [found[n] for n in names if found[n].settable] for group, names in assigned.items()}
 
+    def site_controls(self) -> dict[str, str]:
+        """What this scheduler sets, for the site table: site name -> ``"schedule '<group>'"``."""
+        return {site.name: f"schedule {group!r}" for group, sites in self._groups.items() for site in sites}
+
     def _targeted(self, name: str, module: nn.Module) -> bool:
         return any(matches_target(name, module, target) for target in self.targets or ())
 
@@ -181,6 +186,9 @@ class DropoutScheduler(Callback):
             for group, s in self.schedules.items()
         }
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report_sites(trainer, pl_module)
+
     def _run_length(self, trainer: pl.Trainer) -> int:
         if self.interval == "epoch":
             total: float = trainer.max_epochs if trainer.max_epochs is not None else -1
@@ -196,6 +204,8 @@ class DropoutScheduler(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if batch_idx == 0:  # user code may have changed modes since the last epoch
+            warn_sites_in_eval(trainer, find_sites(pl_module))
         index = trainer.global_step if self.interval == "step" else trainer.current_epoch
         rates = self.rates(index)
         for group, p in rates.items():

@@ -8,7 +8,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,6 +16,7 @@ import lightning_dropout as ld
 from lightning_dropout.callbacks import DropoutScheduler
 from lightning_dropout.layers import get_rate
 from lightning_dropout.schedules import Chain, Constant, Cosine, Curriculum, Linear, Schedule, Step
+from tests._loggers import MemoryLogger
 from tests._models import StochasticDepth
 
 BATCHES_PER_EPOCH = 4
@@ -93,29 +93,6 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def steps_of(self, tag: str) -> dict[int | None, float]:
-        return {step: metrics[tag] for step, metrics in self.logged if tag in metrics}
 
 
 def make_trainer(tmp_path: Path, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
