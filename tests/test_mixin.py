@@ -43,6 +43,37 @@ def test_dropout_layers_and_rates_by_qualified_name() -> None:
     assert model.dropout_p()["head.0"] == 0.25
     model.set_dropout_p(0.05)
     assert set(model.dropout_p().values()) == {0.05}
+    model.set_dropout_p(0.2, "head")  # a module's name selects every site below it
+    assert [model.dropout_p()[name] for name in ("encoder.2", "head.0", "head.2")] == [0.05, 0.2, 0.2]
+
+
+class Tagger(DropoutMixin, L.LightningModule):
+    """Sites that are not modules: an LSTM's between-layer dropout and a float rate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, num_layers=2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.head_dropout = 0.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.dropout(self.lstm(x)[0], p=self.head_dropout, training=self.training)
+        return self.head(h)
+
+
+def test_dropout_sites_list_what_is_not_a_module() -> None:
+    model = Tagger()
+    sites = model.dropout_sites()
+    assert {name: site.kind for name, site in sites.items()} == {
+        "head_dropout": "dropout",
+        "lstm.dropout": "rnn",
+    }
+    assert model.dropout_layers() == {}
+    model.set_dropout_p(0.1, "lstm")
+    assert model.dropout_p() == {"head_dropout": 0.2, "lstm.dropout": 0.1}
+    assert model.lstm.dropout == 0.1
+    out = model.eval().mc_predict(torch.randn(2, 5, 4), n_samples=4, batched=False)
+    assert out.variance.amax() > 0 and not model.training and not model.lstm.training
 
 
 def test_bad_pattern_and_bad_p_are_refused() -> None:

@@ -158,7 +158,8 @@ def find_sites(model: nn.Module, include: ModuleFilter | None = None) -> dict[st
             _add_code_sites(name, module, sites, site_of)
     for name, module in modules.items():
         if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            for site_name in [n for n in sites if n.startswith(f"{name}.")]:
+            prefix = f"{name}." if name else ""
+            for site_name in [n for n in sites if n.startswith(prefix)]:
                 _add_gate(sites, site_name, module)
     order = {id(module): index for index, module in enumerate(modules.values())}
     return dict(sorted(sites.items(), key=lambda item: order[id(item[1].module)]))

@@ -101,7 +101,7 @@ def test_a_catch_all_group_and_an_attention_group_on_bert(
     # The site table, printed once at train start beside the model summary.
     table = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dropout sites")]
     assert len(table) == 1
-    row = r"net\.model\.bert\.encoder\.layer\.0\.attention\.self\.dropout +\| attention \| 0\.1 +\| schedule '\*attention\*'"
+    row = r"layer\.0\.attention\.self\.dropout +\| attention \| 0\.1 +\| schedule '\*attention\*'"
     assert re.search(row, table[0]), table[0]
     assert re.search(r"layer\.0\.output\.dropout +\| dropout +\| 0\.1 +\| schedule '\*'", table[0])
 
