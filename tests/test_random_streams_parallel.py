@@ -268,7 +268,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     torch.multiprocessing.start_processes(
         _worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
     )
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 def _agreement(first: list[torch.Tensor], second: list[torch.Tensor]) -> tuple[float, float]:

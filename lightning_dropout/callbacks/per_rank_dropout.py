@@ -125,7 +125,7 @@ class PerRankDropout(Callback):
         self.sharded_sites = list(sites)
         self.streams: RankStreams | None = None
         self.sharded: ShardedSites | None = None
-        self._tensor_rank = 0
+        self._tensor_rank: int | None = None  # set by setup when the callback is active
         self._devices: list[torch.device] = []
         self._loaded_state: dict[str, int] = {}
 
@@ -171,7 +171,7 @@ class PerRankDropout(Callback):
 
     def _mark_sharded_sites(self, pl_module: pl.LightningModule) -> None:
         # Not in setup: configure_model, which may build the modules, runs after it.
-        if self.enabled and self.sharded_sites and self.sharded is None:
+        if self._tensor_rank is not None and self.sharded_sites and self.sharded is None:
             self.sharded = ShardedSites(pl_module, self.sharded_sites, self._tensor_rank, self._devices)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
