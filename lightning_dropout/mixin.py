@@ -134,10 +134,15 @@ class DropoutMixin:
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
         """Lightning hook: add :class:`~lightning_dropout.callbacks.PerRankDropout` by default.
 
-        DDP ranks then draw their own reproducible dropout masks. Nothing is added when the
-        trainer already has a ``PerRankDropout``: pass ``PerRankDropout(enabled=False)`` to
-        the Trainer to restore torch's shared masks. A module overriding this hook keeps
-        the default by extending ``super().configure_callbacks()``.
+        Data-parallel ranks then draw their own reproducible dropout masks (DDP, FSDP, and
+        the data-parallel dimension of ``ModelParallelStrategy``, whose tensor-parallel
+        groups share masks). The default accepts the strategies ``PerRankDropout`` accepts;
+        under DeepSpeed its setup raises an error naming the strategy and the option to pass.
+        Nothing is added when the trainer already has a ``PerRankDropout``: pass
+        ``PerRankDropout(enabled=False)`` to the Trainer to restore torch's shared masks, or
+        ``PerRankDropout(sharded_sites=[...])`` to name sites whose activations are sharded
+        across a tensor-parallel group. A module overriding this hook keeps the default by
+        extending ``super().configure_callbacks()``.
         """
         # Imported here so that `import lightning_dropout` (and its pure-torch parts) does
         # not import Lightning.

@@ -20,6 +20,13 @@ initialisation or data order:
   it records the global state it sees in the forward pass (the stream's) and replays it
   when it recomputes during backward, inside the same scope.
 
+Under tensor parallelism the stream's rank is the *data-parallel* coordinate
+(:func:`mesh_ranks`): the ranks of one tensor-parallel group draw the same masks, which is
+right for an activation they all hold whole (a replicated activation; different masks would
+make the replicas diverge). An activation sharded across the group needs a different mask
+on each shard: :class:`ShardedSites` runs the forward of the modules named by patterns in a
+stream keyed by the tensor-parallel rank as well.
+
 CPU's Mersenne Twister keeps the low 32 bits of a seed, so there are 2**32 distinct CPU
 streams; CUDA's Philox keeps all 64. Only the ``cpu`` and ``cuda`` generators are handled.
 This module is pure PyTorch; :class:`lightning_dropout.callbacks.PerRankDropout` wires it
@@ -30,10 +37,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-__all__ = ["RankStreams", "stream_seed"]
+from lightning_dropout.selection import matches_name
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["RankStreams", "ShardedSites", "mesh_ranks", "stream_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -69,12 +84,23 @@ def stream_seed(seed: int, rank: int, step: int) -> int:
         raise ValueError(f"rank must be >= 0, got {rank!r}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step!r}")
+    return _mix(seed, rank, step)
+
+
+def _mix(seed: int, *keys: int) -> int:
     mixed = _splitmix64(seed & _MASK64)
-    mixed = _splitmix64(mixed ^ rank)
-    mixed = _splitmix64(mixed ^ step)
+    for key in keys:
+        mixed = _splitmix64(mixed ^ key)
     # torch.Generator.manual_seed accepts [-2**63, 2**64); a non-negative int64 is
     # portable across its CPU and CUDA implementations.
     return mixed >> 1
+
+
+def _generators(devices: Sequence[torch.device | str]) -> list[torch.Generator]:
+    generators = [_default_generator(torch.device(d)) for d in ("cpu", *devices)]
+    # "cuda" and "cuda:0" may name one generator; saving it twice would be harmless but
+    # restoring must happen once per generator.
+    return list({id(g): g for g in generators}.values())
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -99,7 +125,8 @@ class RankStreams:
 
     Args:
         seed: the run's seed, identical on every rank (e.g. ``torch.initial_seed()``).
-        rank: this process's global rank.
+        rank: this process's global rank; under tensor parallelism its data-parallel rank
+            (:func:`mesh_ranks`), so that a tensor-parallel group shares its masks.
         devices: accelerator devices whose default generators are covered too (``cuda``).
         step: the index of the next step (a resumed run passes the steps already done).
 
@@ -130,10 +157,7 @@ class RankStreams:
         self.seed = seed
         self.rank = rank
         self.step = step
-        generators = [_default_generator(torch.device(d)) for d in ("cpu", *devices)]
-        # "cuda" and "cuda:0" may name one generator; saving it twice would be harmless but
-        # restoring must happen once per generator.
-        self._generators = list({id(g): g for g in generators}.values())
+        self._generators = _generators(devices)
         self._saved_states: list[torch.Tensor] | None = None
 
     @property
@@ -187,3 +211,158 @@ class RankStreams:
         """Continue the streams saved by :meth:`state_dict` (missing keys are kept)."""
         self.seed = int(state.get("seed", self.seed))
         self.step = int(state.get("step", self.step))
+
+
+def mesh_ranks(mesh: DeviceMesh, tensor_parallel: str | Sequence[str]) -> tuple[int, int]:
+    """This process's (data-parallel rank, tensor-parallel rank) in a named DeviceMesh.
+
+    The data-parallel rank numbers the process's coordinates on every dimension but the
+    tensor-parallel ones (row-major), the tensor-parallel rank those on the tensor-parallel
+    dimensions. Pass the first as :class:`RankStreams`' ``rank`` (one stream per
+    tensor-parallel group) and the second as :class:`ShardedSites`' ``rank``.
+
+    Args:
+        mesh: a DeviceMesh with ``mesh_dim_names`` that holds this process.
+        tensor_parallel: the name(s) of the tensor-parallel dimension(s).
+
+    Raises:
+        ValueError: the mesh has no dimension names, lacks a name in ``tensor_parallel``,
+            or does not hold this process.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> mesh = SimpleNamespace(mesh_dim_names=("dp", "tp"), shape=(2, 4), get_coordinate=lambda: [1, 3])
+        >>> mesh_ranks(mesh, "tp")  # a real DeviceMesh reads the same way
+        (1, 3)
+    """
+    names = mesh.mesh_dim_names
+    wanted = (tensor_parallel,) if isinstance(tensor_parallel, str) else tuple(tensor_parallel)
+    if names is None or not set(wanted) <= set(names):
+        raise ValueError(f"tensor_parallel: the mesh's dimensions are {names!r}, not all of {wanted!r}")
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise ValueError("mesh does not hold this process: it has no coordinate in it")
+    data_rank = tensor_rank = 0
+    for name, size, index in zip(names, mesh.shape, coordinate, strict=True):
+        if name in wanted:
+            tensor_rank = tensor_rank * size + index
+        else:
+            data_rank = data_rank * size + index
+    return data_rank, tensor_rank
+
+
+class ShardedSites:
+    """Masks that differ across tensor-parallel ranks for sites whose activations are sharded.
+
+    Under tensor parallelism every rank of a tensor-parallel group draws from one stream
+    (:class:`RankStreams` keyed by the data-parallel rank), so a dropout site whose
+    activation is split among the group would apply the same mask to every shard. This
+    hooks the modules whose qualified names match ``patterns`` (the topmost matches: a
+    pattern naming a module covers everything below it): when a hooked module runs with a
+    training submodule, one number is drawn from torch's global CPU generator (the same
+    number on every rank of the group), the global generators are reseeded from it and
+    ``rank`` for the module's forward, and restored after it. So:
+
+    * the ranks of a tensor-parallel group draw different masks inside the hooked modules
+      and identical ones elsewhere; data-parallel ranks differ in both, through the number
+      drawn from their own streams;
+    * the masks depend only on the streams' state: ``torch.utils.checkpoint`` recomputes
+      them (it replays the global state it saw when its region began), a seed reproduces
+      them, and nothing new needs saving for a resume;
+    * modules in evaluation mode (a forward with no training submodule) draw nothing.
+
+    Mark the dropout module itself (``"layers.*.attention.attn_drop"``) or, for a rate read
+    in forward (``scaled_dot_product_attention``'s ``dropout_p``, ``F.dropout``), the module
+    whose forward reads it: every draw in a hooked forward is per tensor-parallel rank.
+
+    Args:
+        module: the model (qualified names as in ``module.named_modules()``).
+        patterns: globs on qualified module names (see :mod:`lightning_dropout.selection`).
+        rank: this process's tensor-parallel rank (:func:`mesh_ranks`).
+        devices: accelerator devices whose default generators are reseeded too (``cuda``).
+
+    Raises:
+        TypeError: ``patterns`` is not a sequence of strings, or ``rank`` not an int.
+        ValueError: a pattern matches no module, or ``rank`` is negative.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 4), nn.Dropout(0.5))
+        >>> masks = []
+        >>> for rank in (0, 1):
+        ...     _ = torch.manual_seed(0)
+        ...     with ShardedSites(net, ["1"], rank=rank):
+        ...         masks.append([net[1](torch.ones(64)) != 0, net[3](torch.ones(64)) != 0])
+        >>> torch.equal(masks[0][0], masks[1][0]), torch.equal(masks[0][1], masks[1][1])
+        (False, True)
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        patterns: Sequence[str],
+        rank: int,
+        devices: Sequence[torch.device | str] = (),
+    ) -> None:
+        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"patterns must be a list of glob strings, got {patterns!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank!r}")
+        names = [name for name, _ in module.named_modules() if name]
+        for pattern in patterns:
+            if not any(matches_name(name, pattern) for name in names):
+                raise ValueError(f"pattern {pattern!r} matches no module; the modules are {names[:40]}")
+        self.rank = rank
+        self._generators = _generators(devices)
+        self._saved: list[list[torch.Tensor] | None] = []
+        self.modules: dict[str, nn.Module] = {}
+        for name, submodule in module.named_modules():
+            selected = name and any(matches_name(name, pattern) for pattern in patterns)
+            # Only the topmost matches: what runs below a hooked module already draws from
+            # its stream. (Nested hooks would be correct too, each drawing its number from
+            # the stream around it, but would cost a reseed each.)
+            if selected and not any(matches_name(name, above) for above in self.modules):
+                self.modules[name] = submodule
+        self._handles = [
+            handle
+            for submodule in self.modules.values()
+            for handle in (
+                submodule.register_forward_pre_hook(self._enter),
+                submodule.register_forward_hook(self._exit, always_call=True),
+            )
+        ]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if not any(m.training for m in module.modules()):
+            self._saved.append(None)
+            return
+        # Drawn from the group's common stream, so identical across the group and
+        # replayed by checkpointing; the rank then makes the shards' seeds differ.
+        token = int(torch.randint(1 << 62, (), dtype=torch.int64))
+        self._saved.append([generator.get_state() for generator in self._generators])
+        seed = _mix(token, self.rank)
+        for generator in self._generators:
+            generator.manual_seed(seed)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        # Empty only when an earlier pre-hook raised before ours ran (always_call still
+        # calls this one).
+        saved = self._saved.pop() if self._saved else None
+        if saved is not None:
+            for generator, state in zip(self._generators, saved, strict=True):
+                generator.set_state(state)
+
+    def remove(self) -> None:
+        """Remove the hooks (the modules then draw from the global generators as before)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> ShardedSites:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.remove()

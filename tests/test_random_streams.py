@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_dropout import DropConnectLinear, Dropout, Dropout2d, GaussianDropout
-from lightning_dropout.random_streams import RankStreams, stream_seed
+from lightning_dropout.random_streams import RankStreams, ShardedSites, mesh_ranks, stream_seed
 
 N = 20_000
 
@@ -146,3 +147,139 @@ def test_cuda_generator_is_covered() -> None:
     assert torch.equal(cuda_mask(0), cuda_mask(0))
     assert not torch.equal(cuda_mask(0), cuda_mask(1))
     assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
+def test_mesh_ranks_split_data_and_tensor_parallel_coordinates() -> None:
+    def mesh(
+        names: tuple[str, ...] | None, shape: tuple[int, ...], coordinate: list[int] | None
+    ) -> SimpleNamespace:
+        return SimpleNamespace(mesh_dim_names=names, shape=shape, get_coordinate=lambda: coordinate)
+
+    assert mesh_ranks(mesh(("dp", "tp"), (2, 4), [1, 3]), "tp") == (1, 3)
+    assert mesh_ranks(mesh(("tp",), (2,), [1]), "tp") == (0, 1)
+    # Row-major over the remaining dimensions: replicate x shard x tp.
+    assert mesh_ranks(mesh(("rep", "shard", "tp"), (2, 3, 2), [1, 2, 0]), ["tp"]) == (1 * 3 + 2, 0)
+    assert mesh_ranks(mesh(("dp", "tp", "cp"), (2, 2, 2), [1, 1, 0]), ["tp", "cp"]) == (1, 2)
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        mesh_ranks(mesh(("dp", "model"), (2, 2), [0, 0]), "tp")
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        mesh_ranks(mesh(None, (2,), [0]), "tp")
+    with pytest.raises(ValueError, match="does not hold"):
+        mesh_ranks(mesh(("dp", "tp"), (2, 2), None), "tp")
+
+
+class Attention(nn.Module):
+    """A site whose rate is read in forward (as scaled_dot_product_attention's dropout_p)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_dropout = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, self.attention_dropout, self.training)
+
+
+def _sites_net() -> nn.Sequential:
+    return nn.Sequential(Attention(), Dropout(0.5), nn.Sequential(nn.Dropout(0.5)))
+
+
+def _site_masks(net: nn.Module, patterns: list[str], rank: int, seed: int = 0) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.ones(8, N // 8)
+    with ShardedSites(net, patterns, rank=rank):
+        return [
+            nn.functional.dropout(x, 0.5) != 0,
+            net[0](x) != 0,
+            net[1](x) != 0,
+            net[2](x) != 0,
+            nn.functional.dropout(x, 0.5) != 0,
+        ]
+
+
+def test_sharded_sites_differ_per_rank_and_the_rest_is_shared() -> None:
+    net = _sites_net()
+    rank0, rank1 = _site_masks(net, ["0", "2"], 0), _site_masks(net, ["0", "2"], 1)
+    assert torch.equal(rank0[0], rank1[0]) and torch.equal(rank0[2], rank1[2])
+    for marked in (1, 3):  # a module's own draws and a dropout module below a pattern
+        agreement = (rank0[marked] == rank1[marked]).float().mean().item()
+        assert abs(agreement - 0.5) < 5 * 0.5 / math.sqrt(N), marked
+    # The group's stream moves by one draw per marked forward, the same on every rank,
+    # so what follows the marked sites is shared too.
+    assert torch.equal(rank0[4], rank1[4])
+    assert all(torch.equal(a, b) for a, b in zip(rank0, _site_masks(net, ["0", "2"], 0), strict=True))
+    assert not torch.equal(rank0[1], _site_masks(net, ["0", "2"], 0, seed=1)[1])
+    # Hooks are gone after the with block: every rank draws the same masks again.
+    torch.manual_seed(0)
+    first = net[0](torch.ones(8, N // 8))
+    torch.manual_seed(0)
+    assert torch.equal(first, net[0](torch.ones(8, N // 8)))
+
+
+def test_sharded_sites_hook_the_topmost_matches_only() -> None:
+    net = _sites_net()
+    net[0].drop = nn.Dropout()
+    sites = ShardedSites(net, ["0", "0.drop", "2.*", "*drop"], rank=0)
+    assert list(sites.modules) == ["0", "2.0"]
+    sites.remove()
+    assert not net[0]._forward_pre_hooks and not net[2][0]._forward_hooks
+
+
+def test_sharded_sites_in_eval_draw_nothing_and_errors_restore_the_stream() -> None:
+    net = _sites_net().eval()
+    with ShardedSites(net, ["0"], rank=1):
+        torch.manual_seed(0)
+        net[0](torch.ones(2, N // 8))
+        assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())
+        net.train()
+        torch.manual_seed(0)
+        with pytest.raises(TypeError):
+            net[0]("not a tensor")  # the forward fails after the hook reseeded
+        torch.manual_seed(0)
+        net[0](torch.ones(2, N // 8))
+        after_forward = torch.get_rng_state()
+    torch.manual_seed(0)
+    torch.randint(1 << 62, ())  # the one draw a marked forward takes from the group's stream
+    assert torch.equal(torch.get_rng_state(), after_forward)
+
+
+class CheckpointedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(16, 64), Dropout(0.5), nn.Dropout(0.5), nn.Linear(64, 1))
+        self.use_checkpoint = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint:
+            return checkpoint(self.layers, x, use_reentrant=False)
+        return self.layers(x)
+
+
+@pytest.mark.parametrize("pattern", ["0.layers.1", "0"], ids=["hook-inside-region", "region-inside-hook"])
+def test_checkpoint_recomputes_the_sharded_masks(pattern: str) -> None:
+    # "0" marks the block, whose hook runs once, before the checkpoint region saves the
+    # state it replays; the dropout layers below it are covered without hooks of their own.
+    net = nn.Sequential(CheckpointedBlock())
+    x = torch.randn(32, 16)
+
+    def grads(use_checkpoint: bool) -> list[torch.Tensor]:
+        net.zero_grad()
+        net[0].use_checkpoint = use_checkpoint
+        with ShardedSites(net, [pattern], rank=1):
+            torch.manual_seed(0)
+            net(x).sum().backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(False), grads(True), strict=True))
+
+
+def test_sharded_sites_bad_arguments() -> None:
+    net = _sites_net()
+    with pytest.raises(ValueError, match="'enc\\*' matches no module"):
+        ShardedSites(net, ["enc*"], rank=0)
+    with pytest.raises(TypeError, match="patterns"):
+        ShardedSites(net, "0", rank=0)
+    with pytest.raises(TypeError, match="rank"):
+        ShardedSites(net, ["0"], rank=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rank"):
+        ShardedSites(net, ["0"], rank=-1)
+    assert not net[0]._forward_pre_hooks

@@ -1,4 +1,4 @@
-"""Rank-decorrelated, reproducible dropout masks under DDP.
+"""Rank-decorrelated, reproducible dropout masks under DDP, FSDP and tensor parallelism.
 
 ``seed_everything`` seeds every rank identically, so without this callback every rank
 applies the same dropout masks to its slice of the batch (huggingface/transformers#31412,
@@ -6,7 +6,10 @@ Lightning-AI/pytorch-lightning#16166). :class:`PerRankDropout` opens a
 :class:`~lightning_dropout.random_streams.RankStreams` scope around each training batch
 (``on_train_batch_start`` to ``on_train_batch_end``): the forward, the backward (with any
 activation-checkpoint recomputation) and the optimizer step draw from a stream derived from
-the run's seed, the global rank and the step; everything else keeps torch's global stream.
+the run's seed, the data-parallel rank and the step; everything else keeps torch's global
+stream. Under ``ModelParallelStrategy`` the ranks of a tensor-parallel group share a stream
+(right for replicated activations) and the sites named in ``sharded_sites`` draw per
+tensor-parallel rank (:class:`~lightning_dropout.random_streams.ShardedSites`).
 """
 
 from __future__ import annotations
@@ -16,61 +19,70 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_dropout._validation import check_bool
-from lightning_dropout.random_streams import RankStreams
+from lightning_dropout.random_streams import RankStreams, ShardedSites, mesh_ranks
 
 __all__ = ["PerRankDropout", "check_supported_strategy"]
 
-# Sharding strategies keep their own RNG bookkeeping (DeepSpeed's activation-checkpoint
-# RNG tracker) and shard the parameters that DropConnect masks and the monitors read; none
-# of this is tested, so they are refused rather than half supported.
-UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
+TENSOR_PARALLEL_DIM = "tensor_parallel"  # ModelParallelStrategy's mesh: ("data_parallel", "tensor_parallel")
 
 
 def check_supported_strategy(trainer: pl.Trainer, caller: str) -> None:
-    """Refuse the sharding strategies (FSDP, DeepSpeed, ModelParallel) at setup.
+    """Refuse DeepSpeed at setup, saying why and what to use instead.
 
-    lightning-dropout's callbacks support a single device and the DDP family ("ddp",
-    "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook"), by global rank.
+    lightning-dropout's callbacks support a single device, the DDP family, ``FSDPStrategy``
+    and ``ModelParallelStrategy``. DeepSpeed's ZeRO engine and its own RNG tracker for
+    activation checkpointing (``deepspeed.checkpointing``) are untested with the per-rank
+    streams, DropConnect and the monitors.
 
     Args:
         trainer: the trainer being set up.
         caller: the callback's name, used in the error message.
 
     Raises:
-        RuntimeError: the trainer's strategy is one of the sharding strategies.
+        RuntimeError: the trainer's strategy is DeepSpeed.
 
     Example:
         >>> check_supported_strategy(pl.Trainer(accelerator="cpu", logger=False), "PerRankDropout")
     """
     strategy = trainer.strategy
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    refused = names.intersection(UNSUPPORTED_STRATEGIES)
-    if refused:
+    if names.intersection(UNSUPPORTED_STRATEGIES):
         raise RuntimeError(
-            f"{caller} does not support strategy {type(strategy).__name__}: lightning-dropout supports a "
-            "single device and the DDP strategies ('ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true', "
-            "'ddp_notebook'). Sharded strategies (FSDP, DeepSpeed, ModelParallel) are refused because "
-            "their RNG tracking and parameter sharding are untested with per-rank dropout streams, "
-            "DropConnect and the monitors."
+            f"{caller} does not support strategy {type(strategy).__name__}: DeepSpeed's ZeRO engine and its "
+            "own RNG tracker for activation checkpointing are untested with per-rank dropout streams, "
+            "DropConnect and the monitors. For sharded training use strategy='fsdp' (FSDPStrategy) or "
+            "ModelParallelStrategy, which are supported. To run DeepSpeed anyway with torch's shared "
+            "masks (every data-parallel rank drawing the same ones), pass PerRankDropout(enabled=False) "
+            "in Trainer(callbacks=...); DropoutMixin modules add an enabled PerRankDropout otherwise."
         )
 
 
 class PerRankDropout(Callback):
-    """Give every DDP rank its own reproducible dropout masks (the default with the mixin).
+    """Give every data-parallel rank its own reproducible dropout masks (the default with the mixin).
 
     During each training batch, torch's global CPU generator and the rank's CUDA generator
-    are reseeded with ``stream_seed(seed, global_rank, step)`` and restored afterwards, so:
+    are reseeded with ``stream_seed(seed, data_parallel_rank, step)`` and restored
+    afterwards, so:
 
-    * ranks draw different masks on identical inputs (about half the elements of two
-      ranks' ``p = 0.5`` masks agree, as for independent masks);
+    * data-parallel ranks draw different masks on identical inputs (about half the elements
+      of two ranks' ``p = 0.5`` masks agree, as for independent masks);
     * the same seed and world size reproduce every mask; a resumed run continues them
       (the state is ``{"seed", "step"}``, plain ints, identical on every rank);
     * model initialisation, samplers, dataloader worker seeds and validation see torch's
       global stream untouched: the training steps consume none of it;
     * torch's own dropout layers are covered as well as this package's.
+
+    The data-parallel rank is the global rank under DDP and ``FSDPStrategy``. Under
+    ``ModelParallelStrategy`` it is the coordinate on the mesh's ``"data_parallel"``
+    dimension: the ranks of a tensor-parallel group draw the same masks, which is right
+    for activations they hold whole (replicated). Name the sites whose activations are
+    sharded across the group in ``sharded_sites``: their modules' forwards draw per
+    tensor-parallel rank as well (in every stage: MC dropout included).
 
     ``seed`` defaults to the run's seed, ``torch.initial_seed()`` at setup (the
     ``seed_everything`` seed when one was set), taken from rank 0 so all ranks agree.
@@ -81,33 +93,46 @@ class PerRankDropout(Callback):
     Args:
         enabled: decorrelate the ranks' masks (True) or leave torch's generators alone.
         seed: the streams' seed; None takes the run's seed at setup.
+        sharded_sites: globs on qualified module names (a pattern naming a module covers
+            everything below it) of the sites whose activations are sharded across the
+            tensor-parallel group, e.g. ``["layers.*.attention"]``; see
+            :class:`~lightning_dropout.random_streams.ShardedSites`.
 
     Raises:
-        TypeError: ``enabled`` is not a bool or ``seed`` not an int (or None).
-        RuntimeError: at setup, when enabled, for FSDP / DeepSpeed / ModelParallel
-            strategies, or for a multi-process run on an accelerator other than CPU or CUDA.
+        TypeError: ``enabled`` is not a bool, ``seed`` not an int (or None),
+            ``sharded_sites`` not a list of strings.
+        RuntimeError: at setup, when enabled, for DeepSpeed, or for a multi-process run on
+            an accelerator other than CPU or CUDA.
+        ValueError: when the model is set up, a ``sharded_sites`` pattern that matches no module.
 
     Example:
-        >>> callback = PerRankDropout()
+        >>> callback = PerRankDropout(sharded_sites=["blocks.*.attn"])
         >>> trainer = pl.Trainer(accelerator="cpu", callbacks=[callback], logger=False)
-        >>> callback.enabled
-        True
+        >>> callback.enabled, callback.sharded_sites
+        (True, ['blocks.*.attn'])
     """
 
-    def __init__(self, enabled: bool = True, seed: int | None = None) -> None:
+    def __init__(
+        self, enabled: bool = True, seed: int | None = None, sharded_sites: list[str] | None = None
+    ) -> None:
         self.enabled = check_bool("enabled", enabled)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+        sites = [] if sharded_sites is None else sharded_sites
+        if isinstance(sites, str) or not all(isinstance(pattern, str) for pattern in sites):
+            raise TypeError(f"sharded_sites must be a list of glob strings or None, got {sharded_sites!r}")
         self.seed = seed
+        self.sharded_sites = list(sites)
         self.streams: RankStreams | None = None
+        self.sharded: ShardedSites | None = None
+        self._tensor_rank: int | None = None  # set by setup when the callback is active
+        self._devices: list[torch.device] = []
         self._loaded_state: dict[str, int] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled:  # a disabled callback touches nothing, under any strategy
             return
         check_supported_strategy(trainer, type(self).__name__)
-        if stage != "fit":
-            return
         device = trainer.strategy.root_device
         if device.type not in ("cpu", "cuda"):
             if trainer.world_size > 1:
@@ -117,15 +142,49 @@ class PerRankDropout(Callback):
                 )
             rank_zero_warn(f"PerRankDropout: nothing to decorrelate on one {device.type} device; disabled.")
             return
+        self._devices = [device] if device.type == "cuda" else []
+        data_rank, self._tensor_rank = self._ranks(trainer)
+        if stage != "fit":
+            return
         # Every rank runs setup, so this broadcast is a collective all ranks join.
         seed = self.seed if self.seed is not None else torch.initial_seed()
         seed = trainer.strategy.broadcast(seed, src=0)
-        accelerators = [device] if device.type == "cuda" else []
         # A second fit with the same callback continues the steps instead of repeating masks.
         step = self.streams.step if self.streams is not None else 0
-        self.streams = RankStreams(seed, trainer.global_rank, accelerators, step)
+        self.streams = RankStreams(seed, data_rank, self._devices, step)
         self.streams.load_state_dict(self._loaded_state)
         self._loaded_state = {}
+
+    def _ranks(self, trainer: pl.Trainer) -> tuple[int, int]:
+        strategy = trainer.strategy
+        if not isinstance(strategy, ModelParallelStrategy):
+            return trainer.global_rank, 0
+        # The mesh exists once the strategy's environment is set up, before this hook.
+        mesh = strategy.device_mesh
+        if mesh[TENSOR_PARALLEL_DIM].size() > 1 and not self.sharded_sites:
+            rank_zero_info(
+                "PerRankDropout: every dropout site draws the same masks across the tensor-parallel group "
+                "(right for replicated activations). Name the sites whose activations are sharded across "
+                "it in PerRankDropout(sharded_sites=[...]) to give each shard its own masks."
+            )
+        return mesh_ranks(mesh, TENSOR_PARALLEL_DIM)
+
+    def _mark_sharded_sites(self, pl_module: pl.LightningModule) -> None:
+        # Not in setup: configure_model, which may build the modules, runs after it.
+        if self._tensor_rank is not None and self.sharded_sites and self.sharded is None:
+            self.sharded = ShardedSites(pl_module, self.sharded_sites, self._tensor_rank, self._devices)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark_sharded_sites(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark_sharded_sites(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark_sharded_sites(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark_sharded_sites(pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -151,6 +210,9 @@ class PerRankDropout(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
+        if self.sharded is not None:
+            self.sharded.remove()
+            self.sharded = None
 
     def _close(self) -> None:
         if self.streams is not None:

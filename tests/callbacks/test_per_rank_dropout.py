@@ -1,4 +1,4 @@
-"""PerRankDropout in one process: arguments, refused strategies, what it leaves untouched."""
+"""PerRankDropout in one process: arguments, strategies, what it leaves untouched."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dropout import Dropout, DropoutMixin
 from lightning_dropout.callbacks import PerRankDropout
+from lightning_dropout.callbacks.per_rank_dropout import check_supported_strategy
 
 
 class OrderModel(pl.LightningModule):
@@ -62,16 +63,34 @@ def test_arguments_are_validated() -> None:
         PerRankDropout(enabled="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="seed"):
         PerRankDropout(seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sharded_sites"):
+        PerRankDropout(sharded_sites="blocks.*")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sharded_sites"):
+        PerRankDropout(sharded_sites=[1])  # type: ignore[list-item]
 
 
-@pytest.mark.parametrize("strategy_class", [FSDPStrategy, DeepSpeedStrategy])
-def test_sharded_strategies_are_refused_at_setup(strategy_class: type) -> None:
-    trainer = SimpleNamespace(strategy=strategy_class.__new__(strategy_class))
-    with pytest.raises(
-        RuntimeError, match=f"PerRankDropout does not support strategy {strategy_class.__name__}"
+def _fake_trainer(strategy_class: type) -> Any:
+    return SimpleNamespace(strategy=strategy_class.__new__(strategy_class))
+
+
+def test_deepspeed_is_refused_at_setup_saying_why_and_what_to_use() -> None:
+    with pytest.raises(RuntimeError) as error:
+        PerRankDropout().setup(_fake_trainer(DeepSpeedStrategy), None, "fit")  # type: ignore[arg-type]
+    message = str(error.value)
+    for expected in (
+        "DeepSpeedStrategy",
+        "RNG tracker",
+        "strategy='fsdp'",
+        "ModelParallelStrategy",
+        "enabled=False",
     ):
-        PerRankDropout().setup(trainer, None, "fit")  # type: ignore[arg-type]
-    PerRankDropout(enabled=False).setup(trainer, None, "fit")  # type: ignore[arg-type]  # the opt-out
+        assert expected in message
+    PerRankDropout(enabled=False).setup(_fake_trainer(DeepSpeedStrategy), None, "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("strategy_class", [FSDPStrategy, ModelParallelStrategy])
+def test_sharded_strategies_are_accepted(strategy_class: type) -> None:
+    check_supported_strategy(_fake_trainer(strategy_class), "PerRankDropout")
 
 
 def test_initialisation_and_data_order_do_not_depend_on_dropout(tmp_path: Path) -> None:
@@ -157,3 +176,26 @@ def test_mixin_adds_per_rank_dropout_unless_the_trainer_has_one(tmp_path: Path) 
     assert [c for c in trainer.callbacks if isinstance(c, PerRankDropout)] == [shared]
     trainer = _fit(tmp_path / "extended", ExtendingModel(0.5), [], epochs=1)
     assert sum(isinstance(c, PerRankDropout) for c in trainer.callbacks) == 1
+
+
+def test_mixin_default_refuses_deepspeed_naming_the_option(tmp_path: Path) -> None:
+    model = MixinModel(0.5)
+    model.trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    (added,) = model.configure_callbacks()
+    with pytest.raises(RuntimeError, match=r"DeepSpeedStrategy.*PerRankDropout\(enabled=False\)"):
+        added.setup(_fake_trainer(DeepSpeedStrategy), model, "fit")
+
+
+class ShardedSiteModel(OrderModel):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.hooked = bool(self.net[1]._forward_pre_hooks)
+        return super().training_step(batch, batch_idx)
+
+
+def test_sharded_sites_are_hooked_during_fit_only(tmp_path: Path) -> None:
+    model = ShardedSiteModel(0.5)
+    callback = PerRankDropout(sharded_sites=["net.1"])
+    _fit(tmp_path, model, [callback], epochs=1)
+    assert model.hooked and not model.net[1]._forward_pre_hooks and callback.sharded is None
+    with pytest.raises(ValueError, match="'net.9' matches no module"):
+        _fit(tmp_path / "typo", ShardedSiteModel(0.5), [PerRankDropout(sharded_sites=["net.9"])], epochs=1)
