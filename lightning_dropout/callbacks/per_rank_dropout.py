@@ -23,7 +23,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_dropout._validation import check_bool
+from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
 from lightning_dropout.random_streams import RankStreams, ShardedSites, mesh_ranks
+from lightning_dropout.sites import find_sites
 
 __all__ = ["PerRankDropout", "check_supported_strategy"]
 
@@ -186,9 +188,15 @@ class PerRankDropout(Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark_sharded_sites(pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:  # the mixin's default callback: its users see the site table too
+            report_sites(trainer, pl_module)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.enabled and batch_idx == 0:  # user code may have changed modes since the last epoch
+            warn_sites_in_eval(trainer, find_sites(pl_module))
         if self.streams is not None:
             # A LightningModule whose on_train_batch_start returns -1 ends the epoch
             # without on_train_batch_end; the epoch-end hook closes that scope.
