@@ -12,13 +12,7 @@ from lightning_dropout.layers.dropconnect import (
 )
 from lightning_dropout.layers.dropout import Dropout, dropout
 from lightning_dropout.layers.gaussian import GaussianDropout, gaussian_dropout
-from lightning_dropout.layers.registry import (
-    get_rate,
-    is_channel_dropout_layer,
-    is_dropout_layer,
-    rate_attribute,
-    set_rate,
-)
+from lightning_dropout.layers.registry import is_dropout_layer
 from lightning_dropout.layers.spatial import Dropout1d, Dropout2d, Dropout3d, channel_dropout
 from lightning_dropout.layers.weight_drop import DropConnect
 
@@ -40,9 +34,5 @@ __all__ = [
     "drop_connect",
     "dropout",
     "gaussian_dropout",
-    "get_rate",
-    "is_channel_dropout_layer",
     "is_dropout_layer",
-    "rate_attribute",
-    "set_rate",
 ]

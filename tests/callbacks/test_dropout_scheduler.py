@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_dropout as ld
 from lightning_dropout.callbacks import DropoutScheduler
-from lightning_dropout.layers import get_rate
 from lightning_dropout.schedules import Chain, Constant, Cosine, Curriculum, Linear, Schedule, Step
 from tests._loggers import MemoryLogger
 from tests._models import StochasticDepth
@@ -67,7 +66,9 @@ class Net(pl.LightningModule):
     def rates(self) -> dict[str, float]:
         names = ["encoder.1", "encoder.2", "encoder.3", "head.0", "depth", "mask"]
         modules = dict(self.named_modules())
-        return {name: get_rate(modules[name]) for name in names}
+        return {
+            name: getattr(modules[name], "drop_prob", getattr(modules[name], "p", None)) for name in names
+        }
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.seen.append((self.global_step, self.current_epoch, self.rates()))
@@ -367,7 +368,7 @@ class CompiledNet(pl.LightningModule):
         self.rates: list[float] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        self.rates.append(get_rate(self.body[1]))
+        self.rates.append(self.body[1].p)
         return self.net(batch[0]).pow(2).mean()
 
     def train_dataloader(self) -> DataLoader:

@@ -1,4 +1,4 @@
-"""Which modules are dropout layers, and reading/setting their rate."""
+"""Which modules are dropout layers."""
 
 from __future__ import annotations
 
@@ -7,20 +7,8 @@ import torch
 from torch import nn
 
 import lightning_dropout as ld
-from lightning_dropout.layers import (
-    get_rate,
-    is_channel_dropout_layer,
-    is_dropout_layer,
-    rate_attribute,
-    set_rate,
-)
-
-
-class DropPath(nn.Module):
-    def __init__(self, drop_prob: float = 0.1) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
+from lightning_dropout.layers import is_dropout_layer
+from lightning_dropout.sites import find_sites
 
 OURS = [
     ld.Dropout(),
@@ -43,37 +31,19 @@ TORCH = [
 
 
 @pytest.mark.parametrize("module", OURS + TORCH, ids=lambda m: type(m).__name__)
-def test_dropout_family(module: nn.Module) -> None:
+def test_dropout_family_are_dropout_modules_with_p(module: nn.Module) -> None:
     assert is_dropout_layer(module)
-    assert rate_attribute(module) == "p"
-    set_rate(module, 0.2)
-    assert get_rate(module) == 0.2
-
-
-def test_channel_dropout_layers() -> None:
-    channel = [m for m in OURS + TORCH if is_channel_dropout_layer(m)]
-    assert [type(m).__name__ for m in channel] == [
-        "Dropout1d",
-        "Dropout2d",
-        "Dropout3d",
-        "Dropout1d",
-        "Dropout2d",
-        "Dropout3d",
-        "FeatureAlphaDropout",
-    ]
-
-
-def test_drop_path_and_non_dropout_modules() -> None:
-    path = DropPath(0.1)
-    assert not is_dropout_layer(path) and rate_attribute(path) == "drop_prob"
-    set_rate(path, 0.3)
-    assert path.drop_prob == 0.3
-    for module in (nn.Linear(2, 2), nn.ReLU(), nn.BatchNorm1d(2)):
-        assert not is_dropout_layer(module) and rate_attribute(module) is None
-        with pytest.raises(TypeError, match="has no drop probability"):
-            get_rate(module)
+    (site,) = find_sites(nn.Sequential(module)).values()
+    assert site.is_module and site.attribute == "p"
+    site.set_p(0.2)
+    assert module.p == 0.2
     with pytest.raises(ValueError, match="p must be in"):
-        set_rate(nn.Dropout(), 1.5)
+        site.set_p(1.5)
+
+
+def test_other_modules_are_not_dropout_layers() -> None:
+    for module in (nn.Linear(2, 2), nn.ReLU(), nn.BatchNorm1d(2), nn.LSTM(2, 2, num_layers=2, dropout=0.1)):
+        assert not is_dropout_layer(module)
 
 
 def test_layers_package_does_not_import_lightning() -> None:
