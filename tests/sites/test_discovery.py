@@ -47,6 +47,15 @@ def test_dropout_modules_by_type() -> None:
     assert all(site.is_module and site.gates == (site.module,) for site in find_sites(net).values())
 
 
+def test_torchvision_stochastic_depth_when_torchvision_imports() -> None:
+    try:
+        from torchvision.ops import StochasticDepth
+    except Exception:  # absent, or a CUDA build beside the CPU torch
+        pytest.skip("torchvision does not import here; its interface is tested through tests/_models.py")
+    (site,) = find_sites(nn.Sequential(StochasticDepth(0.2, "row"))).values()
+    assert (site.kind, site.attribute, site.p) == ("drop_path", "p", 0.2)
+
+
 def test_torch_modules_with_rate_attributes() -> None:
     net = nn.ModuleDict(
         {

@@ -45,6 +45,22 @@ class FunctionalHead(nn.Module):
         return self.out(h)
 
 
+class ResidualStack(nn.Module):
+    """Residual blocks with torchvision's StochasticDepth (by its documented interface)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()) for _ in range(3)
+        )
+        self.depth = nn.ModuleList(_models.StochasticDepth(0.1 * (i + 1), "row") for i in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, depth in zip(self.blocks, self.depth, strict=True):
+            x = x + depth(block(x))
+        return x
+
+
 @dataclass
 class Case:
     """A model, how to feed it, and the sites it must show (name -> kind, a subset)."""
@@ -131,6 +147,7 @@ CASES: dict[str, Case] = {
     **{f"hf-{k}-{a}": hf_case(k, a) for k in HF_RATES for a in ("eager", "sdpa")},
     "lstm": Case(LSTMTagger, lambda batch: torch.randn(batch, 6, 8), {"lstm.dropout": "rnn"}, 1),
     "functional": Case(FunctionalHead, lambda batch: torch.randn(batch, 8), {"p_hidden": "dropout"}, 1),
+    "stochastic-depth": Case(ResidualStack, lambda batch: torch.randn(batch, 8), {"depth.2": "drop_path"}, 3),
 }
 # Attention dropout as the only stochastic site: MC must reach inside the attention.
 ATTENTION_ONLY = {
