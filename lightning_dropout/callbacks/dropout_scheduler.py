@@ -71,6 +71,10 @@ class DropoutScheduler(Callback):
     Logs ``dropout/<group>/p`` to every logger in ``trainer.loggers`` whenever the trainer
     logs (``log_every_n_steps``), at the same step as the training metrics.
 
+    A Trainer may hold several schedulers (say one on steps for the attention, one on
+    epochs for the rest) as long as no site belongs to two of them; each keeps its own
+    checkpoint state.
+
     Args:
         schedule: a schedule, or a non-empty mapping from site patterns to schedules.
         targets: more modules to drive, beyond the sites found by default: a string is a
@@ -89,7 +93,8 @@ class DropoutScheduler(Callback):
         ValueError: an empty ``schedule`` mapping or pattern, empty ``targets``, or an
             unknown ``interval``. At fit start: a model without dropout sites, a group or
             ``targets`` entry matching nothing, two equally specific patterns for one site,
-            or fractional lengths in a run of unknown length.
+            fractional lengths in a run of unknown length, or a site that another
+            ``DropoutScheduler`` of the same Trainer schedules too.
 
     Example:
         >>> from lightning_dropout.schedules import Constant, Linear
@@ -123,6 +128,13 @@ class DropoutScheduler(Callback):
         interval = "" if self.interval == "step" else f", interval={self.interval!r}"
         profile = "" if self.depth_profile else ", depth_profile=False"
         return f"{type(self).__name__}({schedule!r}{targets}{interval}{profile})"
+
+    @property
+    def state_key(self) -> str:
+        # Several schedulers may share a Trainer (one per group of sites, one on steps and
+        # one on epochs): each keeps its own state, keyed by what it drives. The values of
+        # the schedules are left out so a resume with changed schedules finds its state.
+        return self._generate_state_key(groups=list(self.schedules), interval=self.interval)
 
     @property
     def groups(self) -> dict[str, list[DropoutSite]]:
@@ -187,6 +199,16 @@ class DropoutScheduler(Callback):
         }
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every scheduler's on_fit_start: each knows its sites now.
+        mine = self.site_controls()
+        for other in getattr(trainer, "callbacks", []):
+            if isinstance(other, DropoutScheduler) and other is not self:
+                shared = sorted(set(mine) & set(other.site_controls()))
+                if shared:
+                    raise ValueError(
+                        f"{self!r} and {other!r} both schedule the dropout sites {shared}; "
+                        "give each site to one scheduler"
+                    )
         report_sites(trainer, pl_module)
 
     def _run_length(self, trainer: pl.Trainer) -> int:

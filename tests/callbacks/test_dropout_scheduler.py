@@ -281,6 +281,41 @@ def test_resume_from_a_mid_epoch_checkpoint_replays_the_trajectory(tmp_path: Pat
     assert len({r["encoder.1"] for _, _, r in whole.seen}) >= 3
 
 
+@pytest.mark.filterwarnings("ignore:.*dataloader is not resumable")
+def test_two_schedulers_fit_and_resume_from_a_mid_epoch_checkpoint(tmp_path: Path) -> None:
+    def schedulers() -> list[pl.Callback]:
+        return [
+            DropoutScheduler({"encoder": Linear(0.0, 0.4, steps=0.5)}),
+            DropoutScheduler({"head": Step([0.3, 0.1, 0.0], milestones=[1, 2])}, interval="epoch"),
+        ]
+
+    total = {"max_steps": 12}
+    whole = Net()
+    make_trainer(tmp_path / "whole", schedulers(), **total).fit(whole)
+    ckpt = tmp_path / "mid.ckpt"
+    killed = Net()
+    with pytest.raises(Killed):
+        make_trainer(tmp_path / "killed", [*schedulers(), Kill(6, ckpt)], **total).fit(killed)
+    state = torch.load(ckpt, weights_only=True)
+    keys = [k for k in state["callbacks"] if k.startswith("DropoutScheduler")]
+    assert len(keys) == 2
+    resumed = Net()
+    make_trainer(tmp_path / "resumed", schedulers(), **total).fit(resumed, ckpt_path=ckpt)
+    trajectory = killed.seen + resumed.seen
+    assert [r for _, _, r in trajectory] == [r for _, _, r in whole.seen]
+    assert {r["head.0"] for _, _, r in whole.seen} == {0.3, 0.1, 0.0}
+    assert len({r["encoder.1"] for _, _, r in whole.seen}) > 3
+
+
+def test_two_schedulers_may_not_share_a_site(tmp_path: Path) -> None:
+    overlapping = [
+        DropoutScheduler({"encoder": Constant(0.1)}),
+        DropoutScheduler({"encoder.1": Constant(0.2)}),
+    ]
+    with pytest.raises(ValueError, match=r"both schedule the dropout sites \['encoder.1'\]"):
+        make_trainer(tmp_path, overlapping, max_steps=1).fit(Net())
+
+
 def test_old_checkpoint_state_without_keys_loads() -> None:
     scheduler = DropoutScheduler(Constant(0.1))
     scheduler.load_state_dict({})
