@@ -17,18 +17,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="train three models on scikit-learn's digits with every monitor on, then report",
-        description="Train an MLP without dropout, the same MLP with scheduled dropout and a CNN "
-        "with SpatialDropout on scikit-learn's bundled handwritten digits (no download), log "
-        "everything to TensorBoard and print what dropout changed.",
+        help="reproduce Srivastava et al.'s Figures 7 and 8 and compare dropout over seeds on digits",
+        description="On scikit-learn's bundled handwritten digits (no download): train autoencoders "
+        "without and with dropout (Figures 7 and 8 of Srivastava et al. 2014), then MLPs and CNNs "
+        "without dropout, with scheduled, element and spatial dropout over several seeds; log "
+        "everything to TensorBoard, write the PNGs and report.md, and print mean ± sd tables.",
     )
-    demo.add_argument("--max-epochs", type=int, default=40, help="epochs per model (default 40)")
-    demo.add_argument("--out", default="runs", help="TensorBoard log directory (default ./runs)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split, init and masks")
-    demo.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
-    demo.add_argument("--devices", type=_devices, default=1, help="devices per model (default 1)")
+    demo.add_argument("--max-epochs", type=int, default=60, help="epochs per classifier (default 60)")
+    demo.add_argument(
+        "--seeds", type=int, default=3, help="seeds per classifier, each its own split (default 3)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    demo.add_argument("--out", default="runs", help="output folder: logs, PNGs, report.md (default ./runs)")
+    demo.add_argument("--ae-epochs", type=int, default=300, help="epochs per autoencoder (default 300)")
+    demo.add_argument(
+        "--train-size", type=int, default=300, help="training digits of the classifiers (default 300)"
+    )
     demo.add_argument("--width", type=int, default=1024, help="hidden units of the MLPs (default 1024)")
-    demo.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: fastest for these small models)"
+    )
+    demo.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
+    demo.add_argument("--devices", type=_devices, default=1, help="devices per run (default 1)")
     return parser
 
 
@@ -38,30 +48,57 @@ def main(argv: list[str] | None = None) -> int:
     Raises:
         SystemExit: on bad arguments (argparse prints the error).
     """
-    args = build_parser().parse_args(argv)
-    if args.max_epochs < 1:
-        build_parser().error(f"--max-epochs must be >= 1, got {args.max_epochs}")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("max_epochs", "seeds", "ae_epochs", "width", "threads"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     # Imported here so `lightning-dropout --help` answers at once.
-    from lightning_dropout.demo import DemoConfig, format_table, run_demo, tensorboard_command
+    from lightning_dropout.demo import (
+        DemoConfig,
+        autoencoder_table,
+        classifier_table,
+        run_demo,
+        tensorboard_command,
+        units_table,
+        write_outputs,
+    )
+    from lightning_dropout.demo.report import DIGITS
+    from lightning_dropout.demo.run import CLASSIFIER_VAL_SIZE
 
+    if not 1 <= args.train_size < DIGITS - CLASSIFIER_VAL_SIZE:
+        parser.error(
+            f"--train-size must be in [1, {DIGITS - CLASSIFIER_VAL_SIZE - 1}], got {args.train_size}"
+        )
     config = DemoConfig(
         max_epochs=args.max_epochs,
-        out=args.out,
+        seeds=args.seeds,
         seed=args.seed,
+        out=args.out,
         accelerator=args.accelerator,
         devices=args.devices,
         width=args.width,
-        progress_bar=not args.no_progress_bar,
+        train_size=args.train_size,
+        autoencoder_epochs=args.ae_epochs,
+        threads=args.threads,
     )
     started = time.perf_counter()
-    reports = run_demo(config)
-    if reports:
-        print(
-            f"\nlightning-dropout demo: digits, seed {args.seed}, {args.max_epochs} epochs per model, "
-            f"{time.perf_counter() - started:.0f} s\n"
-        )
-        print(format_table(reports))
-        print(f"\nOpen the dashboard:\n  {tensorboard_command(args.out)}")
+    result = run_demo(config)
+    if not result.runs:  # a non-zero rank of a multi-process run
+        return 0
+    paths = write_outputs(result)
+    print(
+        f"\nlightning-dropout demo: digits, seeds {config.seed_list}, {time.perf_counter() - started:.0f} s "
+        f"({result.fit_seconds:.0f} s training)\n"
+    )
+    print("Autoencoders (Figures 7 and 8), held-out digits:\n")
+    print(autoencoder_table(result.autoencoders))
+    print(f"\nClassifiers, mean ± sd over {config.seeds} seeds (Δ: paired with the no-dropout model):\n")
+    print(classifier_table(result.runs))
+    print()
+    print(units_table(result.runs))
+    print("\nWritten:\n" + "\n".join(f"  {path}" for path in paths))
+    print(f"\nOpen the dashboard:\n  {tensorboard_command(config.out)}")
     return 0
 
 
