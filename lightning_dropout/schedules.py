@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import numbers
@@ -137,12 +138,17 @@ class Schedule(ABC):
             raise TypeError(f"step must be an int >= 0, got {type(step).__name__} {step!r}")
         if step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
-        if self.is_fractional():
+        if self._needs_resolve:
             raise RuntimeError(
                 f"{self!r} has lengths given as fractions of the run; call .resolve(total_steps) "
                 "first (DropoutScheduler does this from the trainer)"
             )
         return self.value(int(step))
+
+    @functools.cached_property
+    def _needs_resolve(self) -> bool:
+        # Schedules do not change after construction: checked once, not at every call.
+        return self.is_fractional()
 
     def is_fractional(self) -> bool:
         """Whether some length is a fraction of the run (so :meth:`resolve` is needed)."""

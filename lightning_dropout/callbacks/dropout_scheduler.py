@@ -121,6 +121,7 @@ class DropoutScheduler(Callback):
         # Site name -> its share of the group's p (drop-path depth profiles), kept across
         # fits and checkpoints: once scheduled, the model no longer shows the built rates.
         self._shares: dict[str, float] = {}
+        self._plan: list[tuple[str, Any, str, float]] = []  # (group, holder, attribute, share)
 
     def __repr__(self) -> str:
         schedule = self.schedules[SINGLE_GROUP] if self._single else self.schedules
@@ -184,6 +185,11 @@ class DropoutScheduler(Callback):
         # Here rather than in setup: layers built in configure_model exist only from now on.
         self._groups = self.find_groups(pl_module)
         self._shares = {**depth_shares(self._groups), **self._shares} if self.depth_profile else {}
+        self._plan = [
+            (group, site.holder, str(site.attribute), self._shares.get(site.name, 1.0))
+            for group, sites in self._groups.items()
+            for site in sites
+        ]
         if any(s.is_fractional() for s in self.schedules.values()) and self._total is None:
             self._total = self._run_length(trainer)
         current = {"interval": self.interval, "schedules": self._schedule_reprs()}
@@ -230,11 +236,12 @@ class DropoutScheduler(Callback):
             warn_sites_in_eval(trainer, find_sites(pl_module))
         index = trainer.global_step if self.interval == "step" else trainer.current_epoch
         rates = self.rates(index)
-        for group, p in rates.items():
-            for site in self._groups[group]:
-                target = p * self._shares.get(site.name, 1.0)
-                if site.p != target:
-                    site.set_p(target)
+        # The per-step hot path: rates() validated each p and shares lie in [0, 1], so the
+        # targets are valid probabilities and are written without DropoutSite.set_p's checks.
+        for group, holder, attribute, share in self._plan:
+            target = rates[group] * share
+            if getattr(holder, attribute) != target:
+                setattr(holder, attribute, target)
         # The trainer's own rule for when to log, as LearningRateMonitor uses it.
         if trainer.loggers and trainer._logger_connector.should_update_logs:
             metrics = {f"dropout/{group}/p": p for group, p in rates.items()}
@@ -261,7 +268,7 @@ class DropoutScheduler(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._groups, self._resolved = {}, {}
+            self._groups, self._resolved, self._plan = {}, {}, []
             self._total = self._restored = None
 
     def state_dict(self) -> dict[str, Any]:
