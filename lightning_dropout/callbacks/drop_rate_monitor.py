@@ -104,6 +104,11 @@ class DropRateMonitor(StepMonitor):
             self._p_used[site.name] = site.p
         if metric.device != x.device:
             metric.to(x.device)
+        # A layer whose drops are not zeros of a float input (ConcreteDropout's relaxed
+        # mask, EmbeddingDropout's token indices) counts them itself.
+        counts = getattr(site.module, "drop_counts", None) if site.is_module else None
+        if counts is not None:
+            return lambda out: metric.update(*counts(x, out))
         if site.kind == "patch_dropout":
             prefix = int(getattr(site.module, "num_prefix_tokens", 0))
             tokens = (x.shape[1] - prefix) * x.shape[0]
