@@ -160,13 +160,18 @@ class EmbeddingDropout(DropProbability, nn.Module):
         return embedding_dropout(input, e.weight, self.p, self.training, groups=self.mask_groups, **options)
 
     def drop_counts(self, input: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
-        """``(dropped, observed)`` tokens of one forward, for the realised drop rate: tokens
-        whose output vector is all zeros, out of the tokens that are not padding."""
-        tokens = input != self.embedding.padding_idx if self.embedding.padding_idx is not None else None
-        dropped = output.eq(0).all(-1)
-        if tokens is None:
-            return dropped.sum(), torch.tensor(input.numel())
-        return (dropped & tokens).sum(), tokens.sum()
+        """``(dropped, observed)`` rows of one forward, for the realised drop rate: the
+        distinct tokens of ``input`` (padding excluded) whose every occurrence embeds to
+        zeros, out of the distinct tokens. (Counting occurrences instead would weigh each
+        draw by its token's frequency: one frequent token would decide a step's rate.)"""
+        tokens, zero = input.flatten(), output.eq(0).all(-1).flatten()
+        if self.embedding.padding_idx is not None:
+            keep = tokens != self.embedding.padding_idx
+            tokens, zero = tokens[keep], zero[keep]
+        distinct, which = torch.unique(tokens, return_inverse=True)
+        dropped = torch.ones(distinct.numel(), dtype=torch.bool, device=zero.device)
+        dropped.scatter_reduce_(0, which, zero, "amin")
+        return dropped.sum(), torch.tensor(distinct.numel())
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
