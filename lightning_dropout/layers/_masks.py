@@ -9,9 +9,11 @@ from lightning_dropout import kernels
 from lightning_dropout.layers.traceable import traceable_dropout
 
 
-def scaled_keep_mask(shape: tuple[int, ...], p: float | Tensor, like: Tensor) -> Tensor:
-    """A mask of ``shape`` in ``like``'s dtype and device: ``1 / (1 - p)`` with probability
-    ``1 - p``, else 0, each entry independent.
+def scaled_keep_mask(
+    shape: tuple[int, ...], p: float | Tensor, like: Tensor, inverted: bool = True
+) -> Tensor:
+    """A mask of ``shape`` in ``like``'s dtype and device: ``1 / (1 - p)`` (1 when not
+    ``inverted``) with probability ``1 - p``, else 0, each entry independent.
 
     A float ``p`` must lie in (0, 1) and draws on the element fast path of
     :mod:`lightning_dropout.kernels`; a 0-d tensor ``p`` (torch.compile) may be anything in
@@ -24,5 +26,5 @@ def scaled_keep_mask(shape: tuple[int, ...], p: float | Tensor, like: Tensor) ->
     """
     ones = torch.ones(shape, dtype=like.dtype, device=like.device)
     if isinstance(p, Tensor):
-        return traceable_dropout(ones, p, True, True, False)
-    return kernels.dropout(ones, p, 1.0 / (1.0 - p))
+        return traceable_dropout(ones, p, True, inverted, False)
+    return kernels.dropout(ones, p, 1.0 / (1.0 - p) if inverted else 1.0)

@@ -79,12 +79,12 @@ def concrete_dropout(x: Tensor, p_logit: Tensor, temperature: float = 0.1, train
     if not training:
         return x
     dtype = _draw_dtype(x)
-    u = torch.rand(x.shape, dtype=dtype, device=x.device)
-    # Logistic noise; u = 0 gives -inf, which only makes z = 0 (kept), never NaN.
-    noise = torch.log(u) - torch.log1p(-u)
+    # Logistic noise log u - log(1 - u); u = 0 gives -inf, which only makes z = 0 (kept).
+    noise = torch.rand(x.shape, dtype=dtype, device=x.device).logit_()
     logit = p_logit.to(dtype)
-    scale = torch.exp(F.logsigmoid(-(logit + noise) / temperature) - F.logsigmoid(-logit))
-    return (x * scale).to(x.dtype)
+    # log((1 - z) / (1 - p)), in place where autograd allows: each pass is a full tensor.
+    log_scale = F.logsigmoid((noise + logit).mul_(-1.0 / temperature)).sub_(F.logsigmoid(-logit))
+    return (x * log_scale.exp_()).to(x.dtype)
 
 
 class ConcreteDropout(DropProbability, nn.Module):

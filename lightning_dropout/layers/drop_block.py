@@ -57,9 +57,11 @@ def seed_rate(p: float, block: tuple[int, int]) -> float:
     return 1.0 - (1.0 - p) ** (1.0 / (block[0] * block[1]))
 
 
-def _dropped_blocks(seeds: Tensor, block: tuple[int, int]) -> Tensor:
-    """1 where a position is covered by a seed's block, from seeds on the extended grid."""
-    rows = F.max_pool2d(seeds, (block[0], 1), stride=1)
+def _minus_keep(minus_no_seed: Tensor, block: tuple[int, int]) -> Tensor:
+    """-1 where a position is kept, 0 where a seed's block covers it, from ``minus_no_seed``
+    (-1 where the extended grid has no seed, 0 at seeds): the maximum over each position's
+    window. Negated so that one max-pool (two one-dimensional ones) does it."""
+    rows = F.max_pool2d(minus_no_seed, (block[0], 1), stride=1)
     return F.max_pool2d(rows, (1, block[1]), stride=1)
 
 
@@ -68,14 +70,15 @@ def _seed_shape(x: Tensor, block: tuple[int, int], share_channels: bool) -> tupl
     return n, 1 if share_channels else c, h + block[0] - 1, w + block[1] - 1
 
 
-def _scaled_keep(dropped: Tensor, normalize: str, p: float | Tensor) -> Tensor:
-    keep = 1.0 - dropped
+def _scaled_keep(minus_keep: Tensor, normalize: str, p: float | Tensor) -> Tensor:
+    """The mask to multiply by: 0 where dropped, the scale where kept."""
     if normalize == "kept":
         # All dropped (possible below p = 1 on small maps): zeros, not 0 / 0.
-        return keep * (keep.numel() / keep.sum(dtype=torch.float32).clamp_min(1.0)).to(keep.dtype)
+        kept = minus_keep.sum(dtype=torch.float32).neg().clamp_min(1.0)
+        return minus_keep * (-minus_keep.numel() / kept).to(minus_keep.dtype)
     if isinstance(p, Tensor):
-        return keep * torch.where(p < 1.0, 1.0 / (1.0 - p), 0.0).to(keep.dtype)
-    return keep * (1.0 / (1.0 - p))
+        return minus_keep * torch.where(p < 1.0, -1.0 / (1.0 - p), 0.0).to(minus_keep.dtype)
+    return minus_keep * (-1.0 / (1.0 - p))
 
 
 def drop_block_2d(
@@ -129,10 +132,10 @@ def drop_block_2d(
     gamma = seed_rate(p, block)
     if gamma == 0.0:  # p so small that 1 - p rounds to 1
         return x
-    # Seeds drawn on the element fast path: ``no_seed`` is 1 with probability 1 - gamma.
-    ones = torch.ones(_seed_shape(x, block, share_channels), dtype=x.dtype, device=x.device)
-    no_seed = kernels.dropout(ones, gamma, 1.0)
-    return x * _scaled_keep(_dropped_blocks(1.0 - no_seed, block), normalize, p)
+    # Seeds drawn on the element fast path: -1 (no seed) with probability 1 - gamma, else 0.
+    minus_ones = torch.full(_seed_shape(x, block, share_channels), -1.0, dtype=x.dtype, device=x.device)
+    minus_no_seed = kernels.dropout(minus_ones, gamma, 1.0)
+    return x * _scaled_keep(_minus_keep(minus_no_seed, block), normalize, p)
 
 
 def traceable_drop_block_2d(
@@ -151,7 +154,8 @@ def traceable_drop_block_2d(
     gamma = 1.0 - (1.0 - p) ** (1.0 / (block[0] * block[1]))
     # rand is in [0, 1): gamma = 0 draws no seed, gamma = 1 seeds everywhere.
     seeds = torch.rand(_seed_shape(x, block, share_channels), dtype=torch.float32, device=x.device) < gamma
-    return x * _scaled_keep(_dropped_blocks(seeds.to(x.dtype), block), normalize, p)
+    minus_no_seed = torch.where(seeds, 0.0, -1.0).to(x.dtype)
+    return x * _scaled_keep(_minus_keep(minus_no_seed, block), normalize, p)
 
 
 class DropBlock2d(DropoutBase):

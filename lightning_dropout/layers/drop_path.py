@@ -4,9 +4,8 @@ through the block's identity shortcut only.
 
 Applied to the branch's output, before it is added to the shortcut: for a batch ``x`` of
 ``B`` samples, sample ``b`` of the output is ``x[b] / (1 - p)`` with probability ``1 - p``
-and exactly 0 otherwise. The per-sample mask is a channel mask of ``x`` viewed as one
-sample of ``B`` channels, so it runs on the channel fast paths of
-:mod:`lightning_dropout.kernels`.
+and ``x[b] * 0`` otherwise. The ``B`` draws are made on the element path of
+:mod:`lightning_dropout.kernels` and the mask is applied by one broadcast multiplication.
 
 The name clash: timm's ``drop_connect_rate`` means this layer; in this package
 DropConnect always means weight masking.
@@ -14,24 +13,22 @@ DropConnect always means weight masking.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from lightning_dropout import kernels
 from lightning_dropout._validation import check_bool, check_positive_int, check_probability
+from lightning_dropout.layers._masks import scaled_keep_mask
 from lightning_dropout.layers.base import DropoutBase, check_floating
 from lightning_dropout.layers.dropout import zeros_like_connected
-from lightning_dropout.layers.traceable import traceable_dropout
 
 
-def _per_sample_view(x: Tensor) -> Tensor:
-    """``x`` as one sample whose channels are ``x``'s samples: ``(1, B, rest)``."""
+def _per_sample_shape(x: Tensor) -> tuple[int, ...]:
+    """The shape of a per-sample mask of ``x``: ``(B, 1, ..., 1)``."""
     if x.dim() == 0:
         raise ValueError("drop path needs a batch dimension (dim 0); got a 0-d tensor")
-    return x.reshape(1, x.shape[0], math.prod(x.shape[1:]))
+    return (x.shape[0], *[1] * (x.dim() - 1))
 
 
 def drop_path(x: Tensor, p: float, training: bool = True, inverted: bool = True) -> Tensor:
@@ -59,15 +56,14 @@ def drop_path(x: Tensor, p: float, training: bool = True, inverted: bool = True)
     """
     check_floating(x)
     p = check_probability("p", p)
-    flat = _per_sample_view(x)
+    shape = _per_sample_shape(x)
     if not training:
         return x if inverted or p == 0.0 else x * (1.0 - p)
     if p == 0.0:
         return x
     if p == 1.0:
         return zeros_like_connected(x)
-    scale = 1.0 / (1.0 - p) if inverted else 1.0
-    return kernels.channel_dropout(flat, p, scale).view(x.shape)
+    return x * scaled_keep_mask(shape, p, x, inverted)
 
 
 def drop_path_residual(
@@ -106,7 +102,7 @@ def drop_path_residual(
     """
     check_floating(x)
     p = check_probability("p", p)
-    _per_sample_view(x)
+    _per_sample_shape(x)
     if not training:
         return x + (branch(x) if inverted or p == 0.0 else branch(x) * (1.0 - p))
     if p == 0.0:
@@ -189,10 +185,9 @@ class DropPath(DropoutBase):
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             check_floating(x)
-            flat = traceable_dropout(
-                _per_sample_view(x), self.p_tensor, self.training, self.inverted, False, 2
-            )
-            return flat.view(x.shape)
+            if not self.training:
+                return x if self.inverted else x * (1.0 - self.p_tensor).to(x.dtype)
+            return x * scaled_keep_mask(_per_sample_shape(x), self.p_tensor, x, self.inverted)
         return drop_path(x, self.p, self.training, self.inverted)
 
     def residual(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
