@@ -8,7 +8,10 @@ temperature ``t``, the relaxed drop indicator is
     z = sigmoid((logit(p) + log u - log(1 - u)) / t)
 
 which tends to a Bernoulli(p) draw as ``t -> 0`` and satisfies ``P(z > 1/2) = p`` for every
-``t``. The output is ``x * (1 - z) / (1 - p)``, computed in log space
+``t``. The output is ``x * (1 - z) / (1 - p)``, as in the paper; its mean is ``x`` only in
+the limit: ``E[z]`` is not exactly ``p`` at ``t > 0`` (at ``t = 0.1``,
+``E[(1 - z) / (1 - p)]`` is 0.9987 at ``p = 0.1``, 1 at ``p = 0.5`` and 1.0078 at
+``p = 0.8``). It is computed in log space
 (``exp(logsigmoid(-a / t) - logsigmoid(-logit p))``) so that it stays finite for any
 finite logit. ``p`` is held as its logit, an ``nn.Parameter``.
 
@@ -53,7 +56,8 @@ def concrete_dropout(x: Tensor, p_logit: Tensor, temperature: float = 0.1, train
     """Relaxed-Bernoulli dropout of ``x`` at ``p = sigmoid(p_logit)``, differentiable in ``p_logit``.
 
     The identity when not training. Each element is multiplied by ``(1 - z) / (1 - p)``
-    with ``z`` the relaxed drop indicator of the module doc, so the output is unbiased.
+    with ``z`` the relaxed drop indicator of the module doc (the paper's scaling; the
+    relaxation's ``E[z]`` is ``p`` only as the temperature tends to 0, see the module doc).
 
     Args:
         x: floating-point input of any shape.
