@@ -42,7 +42,9 @@ class DropRateMonitor(StepMonitor):
     BART, transformers' eager attention) through a
     :class:`~lightning_dropout.sites.FunctionalProbe` open during the measured step only.
     For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p`` whose
-    noise variance ``p / (1 - p)`` matches the measured one. Alpha dropout and DropConnect
+    noise variance ``p / (1 - p)`` matches the measured one. A layer with a
+    ``drop_counts(input, output)`` method counts its own drops (ConcreteDropout: relaxed
+    drops past 1/2; EmbeddingDropout: distinct tokens dropped). Alpha dropout and DropConnect
     hide their drops from the activations, and fused kernels (attention dropout inside
     ``scaled_dot_product_attention``, ``nn.LSTM``'s between-layer dropout) hide their masks:
     only ``p`` is logged for those, and the sites that dropped unseen are named once in a

@@ -124,7 +124,7 @@ class ConcreteDropout(DropProbability, nn.Module):
         True
     """
 
-    #: Its p is trained, not set: schedulers leave it alone.
+    #: Its p is trained, not set: DropoutScheduler refuses to schedule it.
     learned_p: ClassVar[bool] = True
 
     def __init__(self, p: float = 0.1, temperature: float = 0.1) -> None:
