@@ -42,7 +42,9 @@ class DropRateMonitor(StepMonitor):
     BART, transformers' eager attention) through a
     :class:`~lightning_dropout.sites.FunctionalProbe` open during the measured step only.
     For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p`` whose
-    noise variance ``p / (1 - p)`` matches the measured one. Alpha dropout and DropConnect
+    noise variance ``p / (1 - p)`` matches the measured one. A layer with a
+    ``drop_counts(input, output)`` method counts its own drops (ConcreteDropout: relaxed
+    drops past 1/2; EmbeddingDropout: distinct tokens dropped). Alpha dropout and DropConnect
     hide their drops from the activations, and fused kernels (attention dropout inside
     ``scaled_dot_product_attention``, ``nn.LSTM``'s between-layer dropout) hide their masks:
     only ``p`` is logged for those, and the sites that dropped unseen are named once in a
@@ -104,6 +106,11 @@ class DropRateMonitor(StepMonitor):
             self._p_used[site.name] = site.p
         if metric.device != x.device:
             metric.to(x.device)
+        # A layer whose drops are not zeros of a float input (ConcreteDropout's relaxed
+        # mask, EmbeddingDropout's token indices) counts them itself.
+        counts = getattr(site.module, "drop_counts", None) if site.is_module else None
+        if counts is not None:
+            return lambda out: metric.update(*counts(x, out))
         if site.kind == "patch_dropout":
             prefix = int(getattr(site.module, "num_prefix_tokens", 0))
             tokens = (x.shape[1] - prefix) * x.shape[0]

@@ -93,8 +93,9 @@ class DropoutScheduler(Callback):
         ValueError: an empty ``schedule`` mapping or pattern, empty ``targets``, or an
             unknown ``interval``. At fit start: a model without dropout sites, a group or
             ``targets`` entry matching nothing, two equally specific patterns for one site,
-            fractional lengths in a run of unknown length, or a site that another
-            ``DropoutScheduler`` of the same Trainer schedules too.
+            a group taking in a site whose p is learned (ConcreteDropout), fractional lengths
+            in a run of unknown length, or a site that another ``DropoutScheduler`` of the
+            same Trainer schedules too.
 
     Example:
         >>> from lightning_dropout.schedules import Constant, Linear
@@ -146,8 +147,8 @@ class DropoutScheduler(Callback):
         """The settable sites of ``module`` each group drives, by group name.
 
         Raises:
-            ValueError: no dropout site, ``targets`` or a group matching nothing, or two
-                equally specific patterns for one site.
+            ValueError: no dropout site, ``targets`` or a group matching nothing, two
+                equally specific patterns for one site, or a site whose p is learned.
 
         Example:
             >>> from lightning_dropout.schedules import Constant
@@ -167,6 +168,14 @@ class DropoutScheduler(Callback):
                     f"({', '.join(GENERIC_RATE_ATTRIBUTES)}) in {type(module).__name__}"
                 )
         assigned = {SINGLE_GROUP: list(found)} if self._single else assign(found, list(self.schedules))
+        learned = sorted(
+            n for names in assigned.values() for n in names if getattr(found[n].holder, "learned_p", False)
+        )
+        if learned:
+            raise ValueError(
+                f"DropoutScheduler cannot schedule a learned p (ConcreteDropout): {learned}; give "
+                "schedules for patterns that leave these sites out"
+            )
         fixed = sorted(name for names in assigned.values() for name in names if not found[name].settable)
         if fixed:
             rank_zero_warn(

@@ -2,6 +2,9 @@
 beside each module."""
 
 from lightning_dropout.layers.base import DropoutBase, DropProbability
+from lightning_dropout.layers.concrete import ConcreteDropout, concrete_dropout
+from lightning_dropout.layers.drop_block import DropBlock2d, drop_block_2d
+from lightning_dropout.layers.drop_path import DropPath, drop_path, drop_path_rates, drop_path_residual
 from lightning_dropout.layers.dropconnect import (
     DropConnectConv1d,
     DropConnectConv2d,
@@ -11,28 +14,42 @@ from lightning_dropout.layers.dropconnect import (
     drop_connect,
 )
 from lightning_dropout.layers.dropout import Dropout, dropout
+from lightning_dropout.layers.embedding import EmbeddingDropout, embedding_dropout
 from lightning_dropout.layers.gaussian import GaussianDropout, gaussian_dropout
+from lightning_dropout.layers.locked import LockedDropout, locked_dropout
 from lightning_dropout.layers.registry import is_dropout_layer
 from lightning_dropout.layers.spatial import Dropout1d, Dropout2d, Dropout3d, channel_dropout
 from lightning_dropout.layers.weight_drop import DropConnect
 
 __all__ = [
+    "ConcreteDropout",
+    "DropBlock2d",
     "DropConnect",
     "DropConnectConv1d",
     "DropConnectConv2d",
     "DropConnectConv3d",
     "DropConnectLayer",
     "DropConnectLinear",
+    "DropPath",
     "DropProbability",
     "Dropout",
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
     "DropoutBase",
+    "EmbeddingDropout",
     "GaussianDropout",
+    "LockedDropout",
     "channel_dropout",
+    "concrete_dropout",
+    "drop_block_2d",
     "drop_connect",
+    "drop_path",
+    "drop_path_rates",
+    "drop_path_residual",
     "dropout",
+    "embedding_dropout",
     "gaussian_dropout",
     "is_dropout_layer",
+    "locked_dropout",
 ]
