@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_dropout._validation import check_positive_int
 from lightning_dropout.callbacks import _dashboard
@@ -28,8 +29,11 @@ def check_every_n_steps(value: Any) -> int | None:
 
 def first_tensor(value: Any) -> Tensor | None:
     """The tensor, or the first item of a tuple when that is a tensor (hook arguments,
-    outputs such as timm's ``PatchDropoutWithIndices``)."""
-    value = value[0] if isinstance(value, tuple) and value else value
+    outputs such as timm's ``PatchDropoutWithIndices``); a ``PackedSequence``'s data."""
+    if isinstance(value, tuple) and value and not isinstance(value, PackedSequence):
+        value = value[0]
+    if isinstance(value, PackedSequence):
+        value = value.data
     return value if isinstance(value, Tensor) else None
 
 

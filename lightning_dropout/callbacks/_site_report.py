@@ -49,6 +49,8 @@ def controls(trainer: pl.Trainer, sites: Mapping[str, DropoutSite]) -> dict[str,
     for name, site in sites.items():
         if not site.settable:
             said[name] = "fixed (written in code)"
+        elif site.learned:
+            said[name] = "learned"
     return said
 
 

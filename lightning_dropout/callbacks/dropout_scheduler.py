@@ -168,9 +168,7 @@ class DropoutScheduler(Callback):
                     f"({', '.join(GENERIC_RATE_ATTRIBUTES)}) in {type(module).__name__}"
                 )
         assigned = {SINGLE_GROUP: list(found)} if self._single else assign(found, list(self.schedules))
-        learned = sorted(
-            n for names in assigned.values() for n in names if getattr(found[n].holder, "learned_p", False)
-        )
+        learned = sorted(n for names in assigned.values() for n in names if found[n].learned)
         if learned:
             raise ValueError(
                 f"DropoutScheduler cannot schedule a learned p (ConcreteDropout): {learned}; give "

@@ -71,7 +71,8 @@ def set_dropout_p(model: nn.Module, p: float, pattern: Patterns = None) -> dict[
     """Set the drop probability of the sites of ``model`` matching ``pattern``.
 
     ``p`` is validated before any site changes. Sites whose rate is written in code
-    cannot be set: they are named in a warning.
+    cannot be set, and sites that learn their p (ConcreteDropout) are not set: both are
+    named in a warning.
 
     Args:
         model: the model.
@@ -93,15 +94,18 @@ def set_dropout_p(model: nn.Module, p: float, pattern: Patterns = None) -> dict[
     """
     p = check_probability("p", p)
     chosen = select_sites(model, pattern)
-    settable = {name: site for name, site in chosen.items() if site.settable}
-    fixed = [name for name in chosen if name not in settable]
+    settable = {name: site for name, site in chosen.items() if site.settable and not site.learned}
     if not settable:
         where = "" if pattern is None else f" matching {pattern!r}"
         raise ValueError(f"{type(model).__name__} has no dropout site{where} whose p can be set")
+    fixed = [name for name, site in chosen.items() if not site.settable]
     if fixed:
         warnings.warn(
             f"these dropout sites have their rate written in code and keep it: {fixed}", stacklevel=2
         )
+    learned = [name for name, site in chosen.items() if site.learned]
+    if learned:
+        warnings.warn(f"these dropout sites learn their p and keep it: {learned}", stacklevel=2)
     for site in settable.values():
         site.set_p(p)
     return settable

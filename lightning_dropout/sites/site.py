@@ -93,6 +93,11 @@ class DropoutSite:
         return self.holder is not None and self.attribute is not None
 
     @property
+    def learned(self) -> bool:
+        """Whether the rate is a trained parameter (ConcreteDropout): not to be set from outside."""
+        return bool(getattr(self.holder, "learned_p", False))
+
+    @property
     def p(self) -> float | None:
         """The current drop probability; None when the code computes it at run time."""
         if self.settable:

@@ -86,3 +86,16 @@ def test_p_is_logged_for_layers_whose_drops_cannot_be_seen(tmp_path: Path) -> No
         rows = list(csv.DictReader(handle))
     assert [float(row["dropout/fc/p"]) for row in rows if row.get("dropout/fc/p")] == [0.25, 0.25]
     assert "dropout/fc/realised" not in rows[0]
+
+
+def test_realised_rate_of_locked_dropout_on_a_packed_sequence() -> None:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from lightning_dropout import LockedDropout
+
+    lengths = torch.randint(1, 9, (64,)).sort(descending=True).values
+    packed = pack_padded_sequence(torch.rand(64, 8, 64) + 0.1, lengths, batch_first=True)
+    # One mask entry per (sequence, feature): 64 x 64 draws, each weighted by its length.
+    weights = lengths.float() / lengths.sum()
+    sd = math.sqrt(0.3 * 0.7 * (weights**2).sum().item() / 64)
+    assert abs(realised(LockedDropout(0.3), packed) - 0.3) <= SIGMAS * sd

@@ -105,3 +105,14 @@ def test_sites_training_sets_only_the_gates_and_restores_every_flag() -> None:
         assert not net[1].fc.training
         raise RuntimeError("boom")
     assert {name: m.training for name, m in net.named_modules()} == before
+
+
+def test_set_dropout_p_leaves_a_learned_p_alone() -> None:
+    from lightning_dropout import ConcreteDropout
+
+    net = nn.Sequential(nn.Dropout(0.5), ConcreteDropout(p=0.2))
+    with pytest.warns(UserWarning, match=r"learn their p and keep it: \['1'\]"):
+        assert list(set_dropout_p(net, 0.1)) == ["0"]
+    assert net[0].p == 0.1 and net[1].p == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="no dropout site matching '1' whose p can be set"):
+        set_dropout_p(net, 0.1, "1")
