@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchmetrics import CatMetric, MeanMetric, MeanSquaredError, Metric
+from torchmetrics import CatMetric, MeanMetric, MeanSquaredError, Metric, SumMetric
 from torchmetrics.classification import (
     BinaryAUROC,
     BinarySpecificityAtSensitivity,
@@ -97,14 +97,19 @@ class MCEvaluation:
         scores = self._scores(mc)
         names = self.score_names
         if ood is not None:
+            # torchmetrics reads scores outside [0, 1] as logits and applies a sigmoid, batch by
+            # batch; s / (1 + s) maps the non-negative scores into [0, 1) in the same order, in
+            # float64 so that large variances stay apart.
+            ranked = [(score.double() / (1.0 + score.double())).clamp_min(0.0) for score in scores]
             label = torch.full_like(scores[0], float(ood)).long()
-            for name, score in zip(names, scores, strict=True):
+            self._metric(f"count/{'out' if ood else 'in'}", SumMetric, device).update(label.numel())
+            for name, score in zip(names, ranked, strict=True):
                 self._metric(f"mc/ood_auroc_{name}", BinaryAUROC, device).update(score, label)
             recall = OOD_RECALL
             fpr = self._metric(
                 f"mc/ood_fpr95_{names[0]}", lambda: BinarySpecificityAtSensitivity(recall), device
             )
-            fpr.update(scores[0], label)
+            fpr.update(ranked[0], label)
         prefix = "mc/ood_" if ood else "mc/"
         for name, score in zip(names, scores, strict=True):
             self._metric(f"histogram/{prefix}{name}", CatMetric, device).update(score)
@@ -190,9 +195,20 @@ class MCEvaluation:
         self._metric(f"{which}/mse", MeanSquaredError, device).update(mean, target)
 
     def compute(self) -> Results:
-        """Every metric's value (a collective under DDP: every rank calls it), then reset."""
+        """Every metric's value (a collective under DDP: every rank calls it), then reset.
+
+        The OOD scores are left out unless both in- and out-of-distribution inputs came
+        (``Results.scalars`` then has no ``mc/ood_*`` entry).
+        """
         results = Results()
+        counts = [
+            self.metrics[f"count/{side}"].compute() if f"count/{side}" in self.metrics else 0
+            for side in ("in", "out")
+        ]
+        both_sides = all(count > 0 for count in counts)
         for name in sorted(self.metrics):
+            if name.startswith("count/") or (name.startswith("mc/ood_") and not both_sides):
+                continue
             value = self.metrics[name].compute()
             if name.startswith("diagram/"):
                 results.diagrams[name.removeprefix("diagram/")] = value
