@@ -225,10 +225,11 @@ class MCEvaluation:
 
 # -- the reliability diagram -----------------------------------------------------------
 
-WIDTH, HEIGHT = 560, 460
-LEFT, RIGHT, TOP, BOTTOM = 64, 24, 44, 64
+# Small enough that TensorBoard's image cards show it near its own size.
+WIDTH, HEIGHT = 420, 380
+LEFT, RIGHT, TOP, BOTTOM = 44, 14, 62, 46
 COLOURS = {"mc": (31, 119, 180), "det": (255, 127, 14)}
-LABELS = {"mc": "MC dropout", "det": "deterministic"}
+LABELS = {"mc": "MC", "det": "deterministic"}
 
 
 def reliability_png(
@@ -245,7 +246,7 @@ def reliability_png(
         ...         "accuracy": torch.tensor([0.0, 0.5])}
         >>> png, height, width = reliability_png({"mc": bins}, {"mc": 0.3})
         >>> png[1:4], height, width
-        (b'PNG', 460, 560)
+        (b'PNG', 380, 420)
     """
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
@@ -258,8 +259,8 @@ def reliability_png(
 
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.line([point(0, tick), point(1, tick)], fill=(232, 232, 232))
-        draw.text((LEFT - 8, point(0, tick)[1]), f"{tick:g}", fill="black", font=small, anchor="rm")
-        draw.text((point(tick, 0)[0], TOP + plot_h + 8), f"{tick:g}", fill="black", font=small, anchor="mt")
+        draw.text((LEFT - 6, point(0, tick)[1]), f"{tick:g}", fill="black", font=small, anchor="rm")
+        draw.text((point(tick, 0)[0], TOP + plot_h + 6), f"{tick:g}", fill="black", font=small, anchor="mt")
     order = [name for name in ("mc", "det") if name in diagrams]
     share = 1.0 / max(1, len(order))
     for slot, name in enumerate(order):
@@ -288,15 +289,16 @@ def reliability_png(
         font=small,
         anchor="mt",
     )
-    for row, name in enumerate(order):
-        y = TOP + 10 + row * 20
-        draw.rectangle([LEFT + 10, y, LEFT + 24, y + 12], fill=COLOURS.get(name, (120, 120, 120)))
-        label = LABELS.get(name, name)
-        if name in errors:
-            label += f"  ECE {errors[name]:.3f}"
-        draw.text((LEFT + 30, y - 1), label, fill="black", font=small)
-    draw.text((LEFT + 10, TOP + 10 + len(order) * 20), "dot: mean confidence", fill="black", font=small)
-    draw.text((8, TOP - 18), "accuracy", fill="black", font=small)
+    # The legend: one line under the title, outside the plot.
+    x = LEFT
+    for name in order:
+        draw.rectangle([x, 28, x + 12, 40], fill=COLOURS.get(name, (120, 120, 120)))
+        label = LABELS.get(name, name) + (f" ECE {errors[name]:.3f}" if name in errors else "")
+        draw.text((x + 16, 27), label, fill="black", font=small)
+        x += 22 + draw.textlength(label, font=small)
+    draw.ellipse([x, 31, x + 6, 37], fill="black")
+    draw.text((x + 10, 27), "mean confidence", fill="black", font=small)
+    draw.text((6, TOP - 15), "accuracy", fill="black", font=small)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue(), HEIGHT, WIDTH
