@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import lightning
 import torch
+from bench_mc import environment  # run as a script: benchmarks/ is on sys.path
 from torch import nn
 
 from lightning_dropout import DropConnectLinear, Dropout, Dropout2d
@@ -148,18 +146,6 @@ def consistent_rows(batch: int, n_samples: int, repeats: int) -> list[dict[str, 
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def environment() -> dict[str, object]:
-    return {
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores "
-        f"(shared with other jobs), torch threads {torch.get_num_threads()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "platform": platform.platform(),
-        "load_average_at_start": os.getloadavg()[0],
-    }
 
 
 def markdown(

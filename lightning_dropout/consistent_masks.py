@@ -172,8 +172,12 @@ class ConsistentMasks:
     def __enter__(self) -> ConsistentMasks:
         for name, site in self._module_sites.items():
             module = site.module
+            if any(module is patched for patched in self._patched):
+                continue  # a module that is two sites: one replacement draws for both
             if "forward" in vars(module):
-                continue  # already replaced (a module that is two sites), or user-patched
+                # Replaced on the instance by someone else: replacing it again could undo theirs.
+                self.inconsistent[name] = "its forward is replaced on the instance"
+                continue
             module.forward = self._module_forward(name, site, module.forward)
             self._patched.append(module)
         if self._needs_calls:

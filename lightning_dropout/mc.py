@@ -424,9 +424,9 @@ def mc_predict(
             seed = int(torch.randint(0, 2**62, ()).item())
         with seeded(seed, _device_of(x)) if seed is not None else nullcontext():
             masks = ConsistentMasks(model, chosen, seed) if consistent and seed is not None else None
-            if masks is not None and masks.inconsistent:
-                warnings.warn(inconsistent_message(masks.inconsistent), stacklevel=2)
             with masks if masks is not None else nullcontext():
+                if masks is not None and masks.inconsistent:
+                    warnings.warn(inconsistent_message(masks.inconsistent), stacklevel=2)
                 chunks = mc_samples(step, batch, n_samples, model, batched, chunk_size, masks)
                 result = summarize(chunks, output, class_dim, return_samples)
             if masks is not None and masks.stray_draws:

@@ -215,3 +215,14 @@ def test_attention_in_math_form_matches_torch(options: dict[str, object]) -> Non
         # p so small that nothing drops: only the math form is compared.
         got = masks.attention_call((q, k, v), {**kwargs, "dropout_p": 1e-9})
     torch.testing.assert_close(got, expected)
+
+
+def test_a_forward_replaced_by_someone_else_is_named_not_replaced_again() -> None:
+    model = head(nn.Dropout(0.5)).train()
+    theirs = model[1].forward
+    model[1].forward = theirs  # an instance attribute, as a patching library leaves it
+    masks = ConsistentMasks(model, find_sites(model), seed=0)
+    with masks:
+        assert masks.inconsistent == {"1": "its forward is replaced on the instance"}
+        assert vars(model[1])["forward"] is theirs
+    assert vars(model[1])["forward"] is theirs

@@ -290,7 +290,7 @@ def reliability_png(
         anchor="mt",
     )
     # The legend: one line under the title, outside the plot.
-    x = LEFT
+    x: float = LEFT
     for name in order:
         draw.rectangle([x, 28, x + 12, 40], fill=COLOURS.get(name, (120, 120, 120)))
         label = LABELS.get(name, name) + (f" ECE {errors[name]:.3f}" if name in errors else "")

@@ -20,8 +20,8 @@ torchmetrics (synced across DDP ranks): ``<stage>/{mc,det}/{accuracy,nll,brier,e
 (``<stage>`` is ``test`` or ``val``), a reliability diagram image ``<stage>/mc/reliability``,
 histograms of the entropy and BALD, the mean Monte-Carlo standard error, and with
 ``ood_dataloader_idx`` the out-of-distribution detection scores
-``test/mc/ood_{auroc_entropy,auroc_bald,fpr95_entropy}`` (see
-:mod:`lightning_dropout.callbacks._mc_evaluation`; regression is measured too).
+``test/mc/ood_{auroc_entropy,auroc_bald,fpr95_entropy}``; regression is measured too
+(docs/mc.md lists every tag).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._mc_evaluation import MCEvaluation, reliability_png
-from lightning_dropout.consistent_masks import ConsistentMasks, inconsistent_sites
+from lightning_dropout.consistent_masks import ConsistentMasks
 from lightning_dropout.mc import (
     OUTPUT_KINDS,
     STRAY_DRAWS_MESSAGE,
@@ -304,6 +304,10 @@ class MCDropout(L.Callback):
                     else None
                 )
                 with masks if masks is not None else nullcontext():
+                    if masks is not None and masks.inconsistent:
+                        self._warn_once(
+                            "inconsistent", f"MCDropout: {inconsistent_message(masks.inconsistent)}"
+                        )
                     chunks = mc_samples(
                         one, batch, self.n_samples, pl_module, self.batched, self.chunk_size, masks
                     )
@@ -343,14 +347,6 @@ class MCDropout(L.Callback):
                 "deterministic",
                 f"MCDropout: {type(pl_module).__name__} {problem}, so every Monte-Carlo pass is identical",
             )
-        if self.consistent:
-            unsupported = {
-                site: why
-                for site, why in inconsistent_sites(self._chosen).items()
-                if self._chosen[site].p != 0.0
-            }
-            if unsupported:
-                self._warn_once("inconsistent", f"MCDropout: {inconsistent_message(unsupported)}")
         setattr(pl_module, name, self._mc_step(pl_module, getattr(pl_module, name), summary))
         self._restore[name] = restore
 

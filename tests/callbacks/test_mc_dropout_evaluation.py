@@ -308,3 +308,20 @@ def test_two_gloo_processes_give_the_single_process_numbers_on_the_union(tmp_pat
     assert len(measured) == 12
     for tag in measured:
         assert ddp[tag] == pytest.approx(single[tag], rel=1e-5, abs=1e-6), tag
+
+
+class Recurrent(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, dropout=0.3, batch_first=True)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(8, 3))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.head(self.lstm(batch[0].unsqueeze(1))[0][:, -1])
+
+
+def test_consistent_masks_name_the_sites_they_cannot_reach(tmp_path: Path) -> None:
+    callback = MCDropout(3, consistent=True, seed=0)
+    with pytest.warns(UserWarning, match=r"independent masks for every input: lstm.dropout \(drawn inside"):
+        out = trainer(tmp_path, [callback]).predict(Recurrent().eval(), DataLoader(data(8), batch_size=4))
+    assert out is not None and len(out) == 2
