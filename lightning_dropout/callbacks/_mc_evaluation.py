@@ -171,7 +171,7 @@ class MCEvaluation:
                 None,
                 f"target of shape {tuple(target.shape)} for predictions of shape {tuple(mc.mean.shape)}",
             )
-        return target.reshape(mc.mean.shape).to(mc.mean.dtype), None
+        return target.reshape(mc.mean.shape).to(mc.mean.device, mc.mean.dtype), None
 
     def _update_classification(self, which: str, probs: Tensor, target: Tensor, device: torch.device) -> None:
         classes, bins = probs.shape[-1], self.n_bins

@@ -217,7 +217,7 @@ class MCDropout(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         ood = None if self.ood_dataloader_idx is None else dataloader_idx == self.ood_dataloader_idx
-        self._measure(trainer, batch, ood)
+        self._measure(batch, ood)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results(trainer, pl_module, "test")
@@ -237,7 +237,7 @@ class MCDropout(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._measure(trainer, batch, None)
+        self._measure(batch, None)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results(trainer, pl_module, "validate")
@@ -362,7 +362,7 @@ class MCDropout(L.Callback):
 
     # -- measuring --------------------------------------------------------------------------
 
-    def _measure(self, trainer: L.Trainer, batch: Any, ood: bool | None) -> None:
+    def _measure(self, batch: Any, ood: bool | None) -> None:
         captured, self._captured = self._captured, None
         evaluation = self._evaluation
         if evaluation is None or captured is None:
