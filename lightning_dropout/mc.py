@@ -17,14 +17,26 @@ the number of replicas in the chunk so that each replica gets its own mask.
 For class logits the summaries are computed on the softmax probabilities: ``mean`` is the
 predictive distribution, ``entropy`` its entropy (total uncertainty) and
 ``mutual_information`` the entropy minus the mean entropy of the passes (BALD, the
-epistemic part; Houlsby et al. 2011).
+epistemic part; Houlsby et al. 2011). For a model that predicts a Gaussian (a mean and a
+log-variance, ``output="gaussian"``) the predictive variance splits into the mean of the
+predicted variances (aleatoric) and the variance of the predicted means (epistemic;
+Kendall & Gal, NeurIPS 2017). ``standard_error`` is the Monte-Carlo standard error of
+``mean``: whether ``n_samples`` suffices.
+
+Options of :func:`mc_predict`: ``sites`` restricts the sampling to some sites (globs, as
+everywhere in the package); ``consistent=True`` gives every replica one fixed sub-network
+for all inputs (:mod:`lightning_dropout.consistent_masks`); ``seed`` makes a run
+reproducible without touching torch's global random stream. When the model is an
+``nn.Sequential`` whose first children hold no dropping site, those children run once per
+batch, not once per pass.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +44,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
+from lightning_dropout.consistent_masks import ConsistentMasks
 from lightning_dropout.layers import DropConnect, DropConnectLayer
+from lightning_dropout.random_streams import _generators
 from lightning_dropout.sites import DropoutSite, find_sites, select_sites, sites_training
 
-OUTPUT_KINDS = ("logits", "probs", "regression")
+OUTPUT_KINDS = ("logits", "probs", "regression", "gaussian")
 DEFAULT_MAX_ROWS = 1024
 
 
@@ -45,18 +59,33 @@ class MCOutput:
 
     For ``output="regression"`` the statistics are over the raw outputs; for ``"logits"``
     and ``"probs"`` over the class probabilities (softmax of the logits along the class
-    dimension), so ``mean`` is the predictive distribution.
+    dimension), so ``mean`` is the predictive distribution. For ``"gaussian"`` each pass
+    predicts a mean and a log-variance (a last dimension of size 2); the statistics are
+    over the predicted means and variances, shaped like one output without that last
+    dimension.
 
     Attributes:
         mean: mean over the passes, shaped like one output.
-        variance: variance over the passes (the 1/n Monte-Carlo estimate), same shape.
+        variance: variance over the passes (the 1/n Monte-Carlo estimate), same shape; for
+            ``"gaussian"`` the predictive variance, ``aleatoric + epistemic``.
         entropy: predictive entropy of ``mean`` in nats, the output's shape without the
             class dimension; None for regression.
         mutual_information: ``entropy`` minus the mean entropy of the passes (BALD), same
             shape; None for regression.
-        samples: every pass's output (probabilities for classification), shaped
-            ``(n_samples, *output.shape)``, if requested; else None.
+        samples: every pass's output (probabilities for classification; the raw mean and
+            log-variance for ``"gaussian"``), shaped ``(n_samples, *output.shape)``, if
+            requested; else None.
         n_samples: the number of passes.
+        aleatoric: the part of the uncertainty the passes agree on. ``"gaussian"``: the
+            mean of the predicted variances; classification: the mean entropy of the passes
+            (so ``entropy = aleatoric + epistemic``); None for ``"regression"``.
+        epistemic: the part the passes disagree on. ``"gaussian"``: the variance of the
+            predicted means; classification: ``mutual_information``; ``"regression"``:
+            ``variance``.
+        standard_error: the Monte-Carlo standard error of ``mean``,
+            ``sqrt(s^2 / n_samples)`` with ``s^2`` the unbiased variance of the passes
+            (of the predicted means for ``"gaussian"``), shaped like ``mean``; infinite for
+            a single pass. Small against the differences that matter: enough passes.
 
     Example:
         >>> out = MCOutput.from_samples(torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]]))
@@ -72,6 +101,9 @@ class MCOutput:
     mutual_information: Tensor | None = None
     samples: Tensor | None = None
     n_samples: int = 0
+    aleatoric: Tensor | None = None
+    epistemic: Tensor | None = None
+    standard_error: Tensor | None = None
 
     @classmethod
     def from_samples(
@@ -81,12 +113,13 @@ class MCOutput:
 
         Args:
             samples: the passes' outputs stacked along dimension 0.
-            output: ``"logits"``, ``"probs"`` or ``"regression"``.
+            output: ``"logits"``, ``"probs"``, ``"regression"`` or ``"gaussian"``.
             class_dim: the class dimension of one output (not counting the sample one).
             keep_samples: keep the (probability) samples in the result.
 
         Raises:
-            ValueError: an unknown ``output`` or a class dimension of size 1.
+            ValueError: an unknown ``output``, a class dimension of size 1, or a
+                ``"gaussian"`` output whose last dimension is not 2.
         """
         return summarize([samples], output, class_dim, keep_samples)
 
@@ -94,11 +127,15 @@ class MCOutput:
         """The MC prediction as one tensor a loss or metric can take like a plain output.
 
         The log of the predictive distribution for classification (valid logits:
-        ``argmax`` and ``cross_entropy`` see the MC prediction), ``mean`` for regression.
+        ``argmax`` and ``cross_entropy`` see the MC prediction); for ``"gaussian"`` the
+        predictive mean and the log of the predictive variance stacked along a last
+        dimension (the model's own output format); ``mean`` for regression.
         """
-        if self.entropy is None:
-            return self.mean
-        return self.mean.clamp_min(torch.finfo(self.mean.dtype).tiny).log()
+        if self.entropy is not None:
+            return self.mean.clamp_min(torch.finfo(self.mean.dtype).tiny).log()
+        if self.aleatoric is not None:
+            return torch.stack([self.mean, self.variance.log()], -1)
+        return self.mean
 
 
 @contextmanager
@@ -252,6 +289,7 @@ def mc_samples(
     model: nn.Module,
     batched: bool = True,
     chunk_size: int | None = None,
+    masks: ConsistentMasks | None = None,
 ) -> Iterator[Tensor]:
     """Yield the outputs of ``n_samples`` calls of ``step(batch)``, chunk by chunk.
 
@@ -268,6 +306,7 @@ def mc_samples(
         batched: replicate and run several passes at once.
         chunk_size: replicas per batched pass; None chooses so that a pass has at most
             1024 rows.
+        masks: consistent masks (entered by the caller): pass ``r`` is replica ``r``.
 
     Raises:
         TypeError: ``step`` does not return a tensor.
@@ -275,8 +314,10 @@ def mc_samples(
     """
     n_samples = check_positive_int("n_samples", n_samples)
     if not batched:
-        for _ in range(n_samples):
-            yield _checked_tensor(step(batch)).unsqueeze(0)
+        for replica in range(n_samples):
+            with masks.replicas(replica, 1) if masks is not None else nullcontext():
+                out = _checked_tensor(step(batch))
+            yield out.unsqueeze(0)
         return
     rows = batch_size(batch)
     chunk = (
@@ -285,7 +326,7 @@ def mc_samples(
     done = 0
     while done < n_samples:
         k = min(chunk, n_samples - done)
-        with independent_replica_masks(model, k):
+        with masks.replicas(done, k) if masks is not None else independent_replica_masks(model, k):
             out = _checked_tensor(step(replicate(batch, k) if k > 1 else batch))
         if out.dim() == 0 or out.shape[0] != k * rows:
             raise ValueError(
@@ -306,6 +347,9 @@ def mc_predict(
     output: str = "logits",
     class_dim: int = -1,
     return_samples: bool = False,
+    consistent: bool = False,
+    seed: int | None = None,
+    sites: str | Sequence[str] | None = None,
 ) -> MCOutput:
     """Monte-Carlo dropout prediction: ``n_samples`` stochastic passes of ``model(x)``.
 
@@ -313,6 +357,10 @@ def mc_predict(
     attention dropout included; BatchNorm and the rest keep their mode; every mode
     restored afterwards). Warns when the passes would all be equal (no site, or p = 0
     everywhere).
+
+    When ``model`` is an ``nn.Sequential`` whose first children hold no site that drops
+    (``sites`` restricted to a head, say), those children run once on ``x`` and only the
+    rest runs once per pass: the same samples, for a fraction of the work.
 
     Args:
         model: the model; called as ``model(x)``.
@@ -324,31 +372,161 @@ def mc_predict(
             samples along dim 0 independently (no seq-first RNN over dim 0).
         chunk_size: replicas per batched call, to bound memory; None keeps a call at
             1024 rows or fewer.
-        output: ``"logits"`` (softmax along ``class_dim`` first), ``"probs"`` or
-            ``"regression"``.
+        output: ``"logits"`` (softmax along ``class_dim`` first), ``"probs"``,
+            ``"regression"``, or ``"gaussian"`` for a model returning a mean and a
+            log-variance (a last dimension of size 2, or a pair of tensors).
         class_dim: the class dimension of the output.
         return_samples: keep every pass's output in :attr:`MCOutput.samples`.
+        consistent: pass ``r`` applies the same masks to every input (one fixed
+            sub-network per pass, derived from ``(seed, r)``), in batched and looped mode
+            alike; see :mod:`lightning_dropout.consistent_masks` (sites that cannot be are
+            named in a warning).
+        seed: the passes' seed: the same seed gives the same samples, and torch's global
+            random stream is left untouched. None draws from torch's global generator.
+        sites: only the sites matching these globs drop (see
+            :mod:`lightning_dropout.selection`); None for all.
 
     Raises:
         TypeError: a wrongly typed argument, or a model output that is not a tensor.
         ValueError: ``n_samples`` or ``chunk_size`` below 1, an unknown ``output``, a class
-            dimension of size 1, or a batched output that is not replicas x batch along dim 0.
+            dimension of size 1, a batched output that is not replicas x batch along dim 0,
+            or a pattern in ``sites`` that matches no site.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).eval()
         >>> out = mc_predict(net, torch.randn(5, 4), n_samples=8)
         >>> out.mean.shape, out.entropy.shape, net.training
         (torch.Size([5, 3]), torch.Size([5]), False)
+        >>> a, b = (mc_predict(net, torch.ones(2, 4), 4, consistent=True, seed=1) for _ in range(2))
+        >>> torch.equal(a.mean, b.mean)
+        True
     """
     output = check_choice("output", output, OUTPUT_KINDS)
     return_samples = check_bool("return_samples", return_samples)
+    consistent = check_bool("consistent", consistent)
+    batched = check_bool("batched", batched)
+    seed = _check_seed(seed)
     found = find_sites(model)
-    problem = deterministic_reason(found)
+    chosen = select_sites(model, sites, found)
+    problem = deterministic_reason(chosen)
     if problem:
         warnings.warn(f"{type(model).__name__} {problem}: every Monte-Carlo pass is identical", stacklevel=2)
-    with torch.no_grad(), mc_mode(model, found=found):
-        chunks = mc_samples(model, x, n_samples, model, check_bool("batched", batched), chunk_size)
-        return summarize(chunks, output, class_dim, return_samples)
+    with torch.no_grad(), sites_training(model, chosen):
+        step: Callable[[Any], Any] = model
+        batch = x
+        prefix = deterministic_prefix(model, found)
+        if prefix is not None:
+            head, tail = prefix
+            step, batch = tail, head(batch)
+        if output == "gaussian":
+            step = gaussian_step(step)
+        if seed is None and consistent:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        with seeded(seed, _device_of(x)) if seed is not None else nullcontext():
+            masks = ConsistentMasks(model, chosen, seed) if consistent and seed is not None else None
+            with masks if masks is not None else nullcontext():
+                if masks is not None and masks.inconsistent:
+                    warnings.warn(inconsistent_message(masks.inconsistent), stacklevel=2)
+                chunks = mc_samples(step, batch, n_samples, model, batched, chunk_size, masks)
+                result = summarize(chunks, output, class_dim, return_samples)
+            if masks is not None and masks.stray_draws:
+                warnings.warn(STRAY_DRAWS_MESSAGE, stacklevel=2)
+    return result
+
+
+STRAY_DRAWS_MESSAGE = (
+    "consistent masks: the passes drew random numbers outside the consistent masks (dropout "
+    "the package does not know about, or other random code in the forward), so those draws "
+    "differ between inputs"
+)
+
+
+def inconsistent_message(reasons: Mapping[str, str]) -> str:
+    """The warning naming the sites that cannot be made consistent."""
+    listed = "; ".join(f"{name} ({reason})" for name, reason in reasons.items())
+    return f"consistent masks: these sites draw independent masks for every input: {listed}"
+
+
+def deterministic_prefix(
+    model: nn.Module, sites: Mapping[str, DropoutSite]
+) -> tuple[nn.Module, nn.Module] | None:
+    """``(head, tail)`` of an ``nn.Sequential`` whose first children hold no dropping site.
+
+    ``head`` holds the children before the first one with a site that drops now (every gate
+    in training mode); ``tail`` the rest. None when ``model`` is not a plain
+    ``nn.Sequential``, when its first child already drops, or when nothing drops.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Dropout())
+        >>> head, tail = deterministic_prefix(net, find_sites(net))
+        >>> len(head), len(tail)
+        (2, 1)
+    """
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return None
+    children = list(model.children())
+    names = [name for name, _ in model.named_children()]
+    first = min(
+        (names.index(name.split(".")[0]) for name, site in sites.items() if site.training and name),
+        default=None,
+    )
+    if not first:
+        return None
+    return nn.Sequential(*children[:first]), nn.Sequential(*children[first:])
+
+
+def gaussian_step(model: Callable[[Any], Any]) -> Callable[[Any], Tensor]:
+    """``model`` with a (mean, log-variance) pair output stacked along a last dimension."""
+
+    def step(batch: Any) -> Tensor:
+        out = model(batch)
+        if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out):
+            return torch.stack(tuple(out), -1)
+        return _checked_tensor(out)
+
+    return step
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Within the block torch's CPU generator (and ``device``'s CUDA one) draw from ``seed``;
+    their states are restored on exit.
+
+    Example:
+        >>> with seeded(3):
+        ...     a = torch.rand(2)
+        >>> with seeded(3):
+        ...     torch.equal(a, torch.rand(2))
+        True
+    """
+    generators = _generators([device] if device is not None and device.type == "cuda" else [])
+    states = [generator.get_state() for generator in generators]
+    try:
+        for generator in generators:
+            generator.manual_seed(seed)
+        yield
+    finally:
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+
+
+def _device_of(batch: Any) -> torch.device | None:
+    if isinstance(batch, Tensor):
+        return batch.device
+    items = (
+        batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    )
+    for item in items:
+        device = _device_of(item)
+        if device is not None:
+            return device
+    return None
+
+
+def _check_seed(seed: Any) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    return seed
 
 
 def deterministic_reason(sites: Mapping[str, DropoutSite]) -> str | None:
@@ -374,18 +552,23 @@ def summarize(
 
     Args:
         chunks: the passes' outputs, chunk by chunk (as :func:`mc_samples` yields them).
-        output: ``"logits"``, ``"probs"`` or ``"regression"``.
+        output: ``"logits"``, ``"probs"``, ``"regression"`` or ``"gaussian"``.
         class_dim: the class dimension of one output.
         keep_samples: keep the (probability) samples in the result.
 
     Raises:
         TypeError: ``class_dim`` is not an int.
-        ValueError: an unknown ``output``, a class dimension of size 1, or no samples.
+        ValueError: an unknown ``output``, a class dimension of size 1, a ``"gaussian"``
+            output whose last dimension is not 2, or no samples.
 
     Example:
         >>> out = summarize([torch.ones(2, 3, 1), torch.zeros(2, 3, 1)], output="regression")
         >>> out.mean.flatten().tolist(), out.variance.flatten().tolist(), out.n_samples
         ([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], 4)
+        >>> means_and_log_variances = torch.tensor([[[1.0, 0.0]], [[3.0, 0.0]]])
+        >>> g = summarize([means_and_log_variances], output="gaussian")
+        >>> g.mean.item(), g.aleatoric.item(), g.epistemic.item(), g.variance.item()
+        (2.0, 1.0, 1.0, 2.0)
     """
     summary = _Summary(check_choice("output", output, OUTPUT_KINDS), class_dim, keep_samples)
     for samples in chunks:
@@ -407,10 +590,22 @@ class _Summary:
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
         self.entropy_sum: Tensor | None = None
+        self.variance_sum: Tensor | None = None
         self.kept: list[Tensor] = []
 
     def update(self, samples: Tensor) -> None:
-        if self.output != "regression":
+        if self.keep_samples and self.output == "gaussian":
+            self.kept.append(samples)
+        if self.output == "gaussian":
+            if samples.dim() < 2 or samples.shape[-1] != 2:
+                raise ValueError(
+                    "output='gaussian' needs a mean and a log-variance per output (a last dimension "
+                    f"of size 2, or a pair of tensors), got passes of shape {tuple(samples.shape[1:])}"
+                )
+            variances = samples[..., 1].exp().sum(0)
+            self.variance_sum = variances if self.variance_sum is None else self.variance_sum + variances
+            samples = samples[..., 0]
+        elif self.output != "regression":
             dim = self.class_dim if self.class_dim < 0 else self.class_dim + 1
             if samples.shape[dim] == 1:
                 raise ValueError(
@@ -432,17 +627,29 @@ class _Summary:
             self.mean = self.mean + delta * (k / total)
             self.m2 = self.m2 + chunk_m2 + delta**2 * (self.count * k / total)
         self.count += k
-        if self.keep_samples:
+        if self.keep_samples and self.output != "gaussian":
             self.kept.append(samples)
 
     def result(self) -> MCOutput:
         if self.mean is None or self.m2 is None:
             raise ValueError("no samples to summarise")
-        out = MCOutput(self.mean, self.m2 / self.count, n_samples=self.count)
+        spread = self.m2 / self.count
+        if self.count > 1:
+            standard_error = (self.m2 / (self.count * (self.count - 1))).sqrt()
+        else:
+            standard_error = torch.full_like(self.mean, math.inf)
+        out = MCOutput(self.mean, spread, n_samples=self.count, standard_error=standard_error)
         if self.entropy_sum is not None:
-            dim = self.class_dim
-            out.entropy = _entropy(self.mean, dim)
-            out.mutual_information = (out.entropy - self.entropy_sum / self.count).clamp_min(0.0)
+            out.entropy = _entropy(self.mean, self.class_dim)
+            out.aleatoric = self.entropy_sum / self.count
+            out.mutual_information = (out.entropy - out.aleatoric).clamp_min(0.0)
+            out.epistemic = out.mutual_information
+        elif self.variance_sum is not None:
+            out.aleatoric = self.variance_sum / self.count
+            out.epistemic = spread
+            out.variance = out.aleatoric + spread
+        else:
+            out.epistemic = spread
         if self.keep_samples:
             out.samples = torch.cat(self.kept)
         return out
@@ -460,12 +667,16 @@ def _checked_tensor(out: Any) -> Tensor:
 
 
 __all__ = [
+    "OUTPUT_KINDS",
     "MCOutput",
+    "deterministic_prefix",
     "deterministic_reason",
+    "gaussian_step",
     "independent_replica_masks",
     "mc_mode",
     "mc_predict",
     "mc_samples",
     "replicate",
+    "seeded",
     "summarize",
 ]

@@ -116,19 +116,34 @@ class DropoutMixin:
         output: str = "logits",
         class_dim: int = -1,
         return_samples: bool = False,
+        consistent: bool = False,
+        seed: int | None = None,
+        sites: str | Sequence[str] | None = None,
     ) -> MCOutput:
         """Monte-Carlo dropout prediction over ``n_samples`` stochastic passes of ``self(x)``.
 
         Under ``torch.no_grad``; BatchNorm statistics untouched; see
-        :func:`lightning_dropout.mc.mc_predict` for the arguments.
+        :func:`lightning_dropout.mc.mc_predict` for the arguments (``consistent`` masks,
+        a ``seed``, ``sites`` patterns, ``output="gaussian"``).
 
         Raises:
             TypeError: a wrongly typed argument or a non-tensor output.
             ValueError: a bad ``n_samples``, ``chunk_size``, ``output`` or class dimension,
-                or a model that cannot be replicated along dim 0 with ``batched=True``.
+                a model that cannot be replicated along dim 0 with ``batched=True``, or a
+                pattern in ``sites`` that matches no site.
         """
         return mc.mc_predict(
-            self._module(), x, n_samples, batched, chunk_size, output, class_dim, return_samples
+            self._module(),
+            x,
+            n_samples,
+            batched,
+            chunk_size,
+            output,
+            class_dim,
+            return_samples,
+            consistent=consistent,
+            seed=seed,
+            sites=sites,
         )
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:

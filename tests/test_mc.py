@@ -234,3 +234,120 @@ def test_mc_module_does_not_import_lightning() -> None:
     code = "import sys, lightning_dropout.mc; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class Heteroscedastic(nn.Module):
+    """A Gaussian regressor with known uncertainty: the predicted mean of input x is x times
+    the mean of ``units`` inverted dropout masks (epistemic variance x^2 p / ((1 - p) units));
+    the predicted noise level is 0.1 + |x|, deterministic (aleatoric variance (0.1 + |x|)^2)."""
+
+    def __init__(self, units: int = 64, p: float = 0.5, pair: bool = True) -> None:
+        super().__init__()
+        self.units, self.pair = units, pair
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        mean = self.drop(x.expand(-1, self.units)).mean(-1)
+        log_variance = 2 * torch.log(0.1 + x.abs().squeeze(-1))
+        return (mean, log_variance) if self.pair else torch.stack([mean, log_variance], -1)
+
+
+def test_gaussian_output_splits_aleatoric_and_epistemic_on_a_heteroscedastic_problem() -> None:
+    x = torch.linspace(-2, 2, 9).unsqueeze(-1)
+    n = 4000
+    out = mc_predict(Heteroscedastic().eval(), x, n, output="gaussian", seed=0)
+    assert out.aleatoric is not None and out.epistemic is not None and out.entropy is None
+    torch.testing.assert_close(out.aleatoric, (0.1 + x.squeeze(-1).abs()) ** 2)
+    torch.testing.assert_close(out.variance, out.aleatoric + out.epistemic)
+    true_epistemic = x.squeeze(-1) ** 2 * 0.5 / (0.5 * 64)
+    # The sample variance of n near-normal values has relative sd sqrt(2 / (n - 1)) = 2.2%:
+    # within 5 sigma, 11%.
+    moving = true_epistemic > 0
+    ratio = out.epistemic[moving] / true_epistemic[moving]
+    assert ((ratio - 1).abs() < 5 * math.sqrt(2 / (n - 1))).all(), ratio
+    assert out.epistemic[~moving].item() == 0.0
+    # The mean is x within 5 standard errors (the error the output itself reports).
+    assert ((out.mean - x.squeeze(-1)).abs() <= 5 * out.standard_error + 1e-7).all()
+    # A stacked last dimension is the same output as a pair.
+    stacked = mc_predict(Heteroscedastic(pair=False).eval(), x, n, output="gaussian", seed=0)
+    torch.testing.assert_close(stacked.variance, out.variance)
+    prediction = out.log_mean()
+    torch.testing.assert_close(prediction[..., 1].exp(), out.variance)
+    with pytest.raises(ValueError, match="last dimension of size 2"):
+        mc_predict(nn.Sequential(nn.Linear(1, 3), nn.Dropout()), x, 2, output="gaussian")
+
+
+def test_standard_error_and_the_entropy_split_match_their_definitions() -> None:
+    logits = torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(1))
+    out = summarize([logits[:3], logits[3:]], keep_samples=True)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(out.standard_error, (probs.var(0, unbiased=True) / 7).sqrt())
+    assert out.entropy is not None and out.aleatoric is not None and out.epistemic is not None
+    torch.testing.assert_close(out.aleatoric, -torch.special.xlogy(probs, probs).sum(-1).mean(0))
+    torch.testing.assert_close(out.aleatoric + out.epistemic, out.entropy)
+    one = summarize([logits[:1]], output="regression")
+    assert torch.isinf(one.standard_error).all() and one.aleatoric is None
+    assert torch.equal(one.epistemic, one.variance)
+
+
+class Wrapped(nn.Module):
+    """The same network behind a plain forward: no prefix can be split off."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_sites_restrict_the_sampling_to_matching_sites() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.Dropout(0.5)).eval()
+    seen: list[torch.Tensor] = []
+    net[1].register_forward_hook(lambda module, args, output: seen.append(torch.equal(args[0], output)))
+    out = mc_predict(Wrapped(net), torch.randn(3, 4), 5, sites="net.3", output="regression", batched=False)
+    assert seen == [True] * 5 and (out.variance > 0).any()
+    with pytest.raises(ValueError, match="pattern 'head' matches no dropout site"):
+        mc_predict(net, torch.randn(3, 4), 5, sites="head")
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_deterministic_prefix_runs_once_and_gives_the_same_samples(batched: bool) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 16), nn.ReLU(),
+        DropConnectLinear(16, 16, p=0.3), nn.Dropout(0.3), nn.Linear(16, 3),
+    ).eval()  # fmt: skip
+    calls: list[int] = []
+    net[4].register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    x = torch.randn(5, 6)
+    split = mc_predict(net, x, 8, batched=batched, sites=["6", "7"], seed=3, return_samples=True)
+    assert calls == [5]  # children 0-5 ran once on the batch
+    calls.clear()
+    whole = mc_predict(
+        Wrapped(net), x, 8, batched=batched, sites=["net.6", "net.7"], seed=3, return_samples=True
+    )
+    assert sum(calls) == 8 * 5
+    assert split.samples is not None and whole.samples is not None
+    torch.testing.assert_close(split.samples, whole.samples)
+    # Every site dropping: the prefix is what comes before the first dropout.
+    calls.clear()
+    mc_predict(net, x, 8, batched=batched, seed=3)
+    assert sum(calls) == 8 * 5
+
+
+def test_a_seed_reproduces_the_samples_and_leaves_the_global_stream_alone() -> None:
+    net, x = conv_net().eval(), torch.randn(3, 2, 5, 5)
+    torch.manual_seed(11)
+    expected = torch.rand(2)
+    torch.manual_seed(11)
+    first = mc_predict(net, x, 6, seed=5, return_samples=True)
+    assert torch.equal(torch.rand(2), expected)
+    again = mc_predict(net, x, 6, seed=5, return_samples=True)
+    other = mc_predict(net, x, 6, seed=6, return_samples=True)
+    assert first.samples is not None and again.samples is not None and other.samples is not None
+    assert torch.equal(first.samples, again.samples) and not torch.equal(first.samples, other.samples)
+    with pytest.raises(TypeError, match="seed"):
+        mc_predict(net, x, 2, seed=1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="consistent"):
+        mc_predict(net, x, 2, consistent="yes")  # type: ignore[arg-type]

@@ -52,15 +52,16 @@ def layer_regex(family: str, layer_name: str, leaves: str) -> str:
     return f"{family}/{re.escape(tag_prefix(layer_name))}/({leaves})$"
 
 
-def register_charts(trainer: pl.Trainer, category: str, charts: Charts) -> None:
+def register_charts(trainer: pl.Trainer, category: str, charts: Charts, rates: bool = True) -> None:
     """Add Multiline charts to the run's layout (call before ``on_train_start``).
 
     Every contributor gets the common rate chart, which also shows the scheduler's
-    ``dropout/<group>/p`` tags.
+    ``dropout/<group>/p`` tags, unless ``rates`` is False.
     """
     run = _run(trainer)
-    rates = run.categories.setdefault(RATE_CATEGORY, {})
-    rates.setdefault("p and realised, all layers", [r"dropout/.*/p$", r"dropout/.*/realised$"])
+    if rates:
+        rate_charts = run.categories.setdefault(RATE_CATEGORY, {})
+        rate_charts.setdefault("p and realised, all layers", [r"dropout/.*/p$", r"dropout/.*/realised$"])
     section = run.categories.setdefault(category, {})
     for title, regexes in charts.items():
         section.setdefault(title, regexes)

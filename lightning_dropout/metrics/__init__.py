@@ -3,5 +3,21 @@
 from lightning_dropout.metrics.channel_drop import ChannelDrop
 from lightning_dropout.metrics.coactivation import CoActivation
 from lightning_dropout.metrics.drop_rate import DropRate
+from lightning_dropout.metrics.uncertainty import (
+    BrierScore,
+    GaussianNLL,
+    IntervalCoverage,
+    NegativeLogLikelihood,
+    ReliabilityDiagram,
+)
 
-__all__ = ["ChannelDrop", "CoActivation", "DropRate"]
+__all__ = [
+    "BrierScore",
+    "ChannelDrop",
+    "CoActivation",
+    "DropRate",
+    "GaussianNLL",
+    "IntervalCoverage",
+    "NegativeLogLikelihood",
+    "ReliabilityDiagram",
+]
