@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.consistent_masks import ConsistentMasks
-from lightning_dropout.layers import DropConnect, DropConnectLayer
 from lightning_dropout.random_streams import _generators
 from lightning_dropout.sites import DropoutSite, find_sites, select_sites, sites_training
 
@@ -179,9 +178,10 @@ def mc_mode(
 def independent_replica_masks(module: nn.Module, replicas: int) -> Iterator[None]:
     """Give each of ``replicas`` inputs stacked replica-major along dim 0 its own weight masks.
 
-    Sets ``mask_groups = replicas`` on every DropConnect layer and wrapper that draws one
-    mask per call (``per_sample=True`` layers already draw one per sample) and restores the
-    previous values on exit.
+    Sets ``mask_groups = replicas`` on every layer that draws one mask per call and splits
+    its batch into ``mask_groups`` groups with masks of their own (the DropConnect layers
+    and wrapper, EmbeddingDropout; ``per_sample=True`` DropConnect layers already draw one
+    per sample) and restores the previous values on exit.
 
     Args:
         module: the model.
@@ -200,7 +200,7 @@ def independent_replica_masks(module: nn.Module, replicas: int) -> Iterator[None
     layers = [
         m
         for m in module.modules()
-        if isinstance(m, DropConnect) or (isinstance(m, DropConnectLayer) and not m.per_sample)
+        if isinstance(getattr(m, "mask_groups", None), int) and not getattr(m, "per_sample", False)
     ]
     previous = [m.mask_groups for m in layers]
     try:

@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_dropout import DropConnect, DropConnectConv2d, DropConnectLinear, Dropout, Dropout2d, MCOutput
+from lightning_dropout import (
+    DropConnect,
+    DropConnectConv2d,
+    DropConnectLinear,
+    Dropout,
+    Dropout2d,
+    EmbeddingDropout,
+    MCOutput,
+)
 from lightning_dropout.mc import independent_replica_masks, mc_mode, mc_predict, replicate, summarize
 
 
@@ -71,15 +79,17 @@ def test_mc_predict_leaves_batchnorm_statistics_bitwise_unchanged() -> None:
 def test_replicas_of_a_batched_pass_get_independent_dropconnect_masks() -> None:
     # A model whose only randomness is DropConnect with one mask per call: without
     # per-replica masks every replica of the batched pass would be identical.
-    for layer in (DropConnectLinear(6, 4, p=0.5), DropConnect(nn.Linear(6, 4), p=0.5)):
-        out = mc_predict(
-            layer.eval(), torch.randn(3, 6), n_samples=10, output="regression", return_samples=True
-        )
+    embedding = nn.Sequential(EmbeddingDropout(nn.Embedding(40, 6), p=0.5), nn.Flatten())
+    inputs = [torch.randn(3, 6), torch.randn(3, 6), torch.randint(0, 40, (3, 20))]
+    for layer, x in zip(
+        (DropConnectLinear(6, 4, p=0.5), DropConnect(nn.Linear(6, 4), p=0.5), embedding), inputs, strict=True
+    ):
+        out = mc_predict(layer.eval(), x, n_samples=10, output="regression", return_samples=True)
         assert out.samples is not None
         distinct = {tuple(s.flatten().tolist()) for s in out.samples}
         assert len(distinct) == 10
         # Within one replica one mask serves the whole batch, as in training.
-        assert layer.mask_groups == 1
+        assert all(m.mask_groups == 1 for m in layer.modules() if hasattr(m, "mask_groups"))
 
 
 def test_dropconnect_wrapper_around_rnn_refuses_batched_mode_clearly() -> None:
