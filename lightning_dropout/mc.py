@@ -205,11 +205,11 @@ def independent_replica_masks(module: nn.Module, replicas: int) -> Iterator[None
     previous = [m.mask_groups for m in layers]
     try:
         for m in layers:
-            m.mask_groups = replicas
+            setattr(m, "mask_groups", replicas)  # noqa: B010 (an attribute the layer declares)
         yield
     finally:
         for m, groups in zip(layers, previous, strict=True):
-            m.mask_groups = groups
+            setattr(m, "mask_groups", groups)  # noqa: B010
 
 
 def replicate(batch: Any, replicas: int) -> Any:

@@ -1,45 +1,25 @@
 """The run's shared TensorBoard dashboard and the logger plumbing of the monitors.
 
-Every monitor (and the dropout scheduler) registers its custom-scalars charts in
-``setup``; the first ``on_train_start`` writes the merged layout once per run, because
-TensorBoard keeps one layout per writer. Warnings about loggers and missing layers are
-given once per run however many monitors share it.
+Every monitor (and MCDropout) registers its custom-scalars charts in ``setup``; the first
+``on_train_start`` writes the merged layout once per run, because TensorBoard keeps one
+layout per writer (the run's state: :mod:`lightning_dropout.callbacks._run`). Warnings
+about loggers are given once per run however many monitors share it.
 """
 
 from __future__ import annotations
 
 import re
-import weakref
-from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
+
+from lightning_dropout.callbacks._run import Charts, run_state, warn_once
 
 RATE_CATEGORY = "dropout: p beside the realised rate"
 COACTIVATION_CATEGORY = "co-adaptation per layer"
 CHANNEL_CATEGORY = "channel drop beside its expectation"
-
-# Multiline charts: title -> tag regexes (matched from the start of the tag).
-Charts = dict[str, list[str]]
-
-
-@dataclass
-class _RunDashboard:
-    categories: dict[str, Charts] = field(default_factory=dict)
-    layout_written: bool = False
-    said: set[str] = field(default_factory=set)
-
-
-_RUNS: weakref.WeakKeyDictionary[pl.Trainer, _RunDashboard] = weakref.WeakKeyDictionary()
-
-
-def _run(trainer: pl.Trainer) -> _RunDashboard:
-    if trainer not in _RUNS:
-        _RUNS[trainer] = _RunDashboard()
-    return _RUNS[trainer]
 
 
 def tag_prefix(layer_name: str) -> str:
@@ -58,7 +38,7 @@ def register_charts(trainer: pl.Trainer, category: str, charts: Charts, rates: b
     Every contributor gets the common rate chart, which also shows the scheduler's
     ``dropout/<group>/p`` tags, unless ``rates`` is False.
     """
-    run = _run(trainer)
+    run = run_state(trainer)
     if rates:
         rate_charts = run.categories.setdefault(RATE_CATEGORY, {})
         rate_charts.setdefault("p and realised, all layers", [r"dropout/.*/p$", r"dropout/.*/realised$"])
@@ -69,7 +49,7 @@ def register_charts(trainer: pl.Trainer, category: str, charts: Charts, rates: b
 
 def write_layout(trainer: pl.Trainer) -> None:
     """Write the merged custom-scalars layout to every TensorBoard logger, once per run."""
-    run = _run(trainer)
+    run = run_state(trainer)
     if run.layout_written or not run.categories:
         return
     run.layout_written = True
@@ -79,21 +59,6 @@ def write_layout(trainer: pl.Trainer) -> None:
     }
     for logger in tensorboard_loggers(trainer):
         logger.experiment.add_custom_scalars(layout)
-
-
-def first_time(trainer: pl.Trainer, key: str) -> bool:
-    """True the first time this run asks under ``key``: for what is said once per run."""
-    run = _run(trainer)
-    if key in run.said:
-        return False
-    run.said.add(key)
-    return True
-
-
-def warn_once(trainer: pl.Trainer, key: str, message: str) -> None:
-    """``rank_zero_warn`` ``message`` unless this run already warned under ``key``."""
-    if first_time(trainer, key):
-        rank_zero_warn(message)
 
 
 def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
@@ -144,5 +109,5 @@ def log_png(trainer: pl.Trainer, tag: str, png: bytes, height: int, width: int, 
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
     summary = Summary(value=[Summary.Value(tag=tag, image=image)])
     for logger in tensorboard_loggers(trainer):
-        # torch's and tensorboardX's SummaryWriter both write raw summaries this way.
-        logger.experiment._get_file_writer().add_summary(summary, step)
+        # torch's and tensorboardX's SummaryWriter both open their FileWriter when built.
+        logger.experiment.file_writer.add_summary(summary, step)

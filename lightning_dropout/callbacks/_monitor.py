@@ -11,9 +11,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+from typing_extensions import override
 
 from lightning_dropout._validation import check_positive_int
 from lightning_dropout.callbacks import _dashboard
+from lightning_dropout.callbacks._run import DropoutCallback, warn_once
 from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
 from lightning_dropout.sites import DropoutSite, FunctionalProbe, find_sites
 from lightning_dropout.sites.probe import Observer
@@ -102,7 +104,7 @@ def resolve_modules(model: nn.Module, patterns: list[str], argument: str = "laye
     return {name: m for name, m in modules.items() if any(fnmatchcase(name, p) for p in patterns)}
 
 
-class StepMonitor(pl.Callback):
+class StepMonitor(DropoutCallback):
     """Measures every ``every_n_steps`` optimizer steps: hooks live from the measured
     batch's start to its end and are removed after it (and after fit, whatever happens).
 
@@ -123,6 +125,7 @@ class StepMonitor(pl.Callback):
     def _name(self) -> str:
         return type(self).__name__
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -135,9 +138,9 @@ class StepMonitor(pl.Callback):
         )
         if not self.watched:
             if find_sites(pl_module):
-                _dashboard.warn_once(trainer, f"no-layers-{self._name}", self._nothing_message())
+                warn_once(trainer, f"no-layers-{self._name}", self._nothing_message())
             else:  # one warning for all the monitors
-                _dashboard.warn_once(
+                warn_once(
                     trainer, "no-dropout", "The model has no dropout sites; the dropout monitors do nothing."
                 )
         if self._active:
@@ -158,11 +161,13 @@ class StepMonitor(pl.Callback):
     def _report(self, trainer: pl.Trainer, step: int) -> None:
         raise NotImplementedError
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         report_sites(trainer, pl_module)
         if self._active:
             _dashboard.write_layout(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -176,6 +181,7 @@ class StepMonitor(pl.Callback):
         self._measuring = True
         self._handles.extend(self._attach())
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -217,13 +223,16 @@ class StepMonitor(pl.Callback):
             handle.remove()
         self._handles = []
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._remove_hooks()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()

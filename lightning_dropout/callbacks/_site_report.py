@@ -10,14 +10,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_dropout.callbacks import _dashboard
+from lightning_dropout.callbacks._run import first_time, warn_once
 from lightning_dropout.sites import DropoutSite, find_sites
 
 
 def report_sites(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Once per run: print the site table (when the trainer prints its model summary) and
     warn about sites stuck in eval mode."""
-    if not _dashboard.first_time(trainer, "site-report"):
+    if not first_time(trainer, "site-report"):
         return
     sites = find_sites(pl_module)
     if sites and any(isinstance(callback, ModelSummary) for callback in _callbacks(trainer)):
@@ -29,7 +29,7 @@ def warn_sites_in_eval(trainer: pl.Trainer, sites: Mapping[str, DropoutSite]) ->
     """Warn once per run about sites with p > 0 whose gating module is in eval mode."""
     stuck = [name for name, site in sites.items() if (site.p or 0.0) > 0.0 and not site.training]
     if stuck:
-        _dashboard.warn_once(
+        warn_once(
             trainer,
             "sites-in-eval",
             f"These dropout sites have p > 0 but a module that gates them is in eval mode, so they "

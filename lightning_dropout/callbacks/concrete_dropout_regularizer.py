@@ -16,10 +16,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_dropout._validation import check_positive_int
+from lightning_dropout.callbacks._run import DropoutCallback
 from lightning_dropout.layers import ConcreteDropout
 from lightning_dropout.schedules import check_rate
 
@@ -59,7 +60,7 @@ def _resolve(model: nn.Module, layer: str, name: str) -> Tensor:
     return weight
 
 
-class ConcreteDropoutRegularizer(Callback):
+class ConcreteDropoutRegularizer(DropoutCallback):
     """Add every :class:`~lightning_dropout.ConcreteDropout`'s KL regulariser to the gradients.
 
     Before each optimizer step, backpropagates
@@ -102,6 +103,7 @@ class ConcreteDropoutRegularizer(Callback):
         self.precision = check_rate("precision", precision)
         self._pairs: list[tuple[ConcreteDropout, list[Tensor]]] = []
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here rather than in setup: layers built in configure_model exist only from now on.
         layers = {n: m for n, m in pl_module.named_modules() if isinstance(m, ConcreteDropout)}
@@ -121,6 +123,7 @@ class ConcreteDropoutRegularizer(Callback):
             for layer, names in self.weights.items()
         ]
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -132,6 +135,7 @@ class ConcreteDropoutRegularizer(Callback):
             assert isinstance(total, Tensor)
             total.backward()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._pairs = []
 

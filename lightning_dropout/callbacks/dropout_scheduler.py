@@ -34,11 +34,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_dropout._validation import check_bool, check_choice, check_probability
+from lightning_dropout.callbacks._run import DropoutCallback
 from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.selection import assign, matches_name
@@ -51,7 +52,7 @@ SINGLE_GROUP = "all"
 Target = str | type[nn.Module]
 
 
-class DropoutScheduler(Callback):
+class DropoutScheduler(DropoutCallback):
     """Set dropout probabilities from schedules before every training batch, and log them.
 
     ``schedule`` is one :class:`~lightning_dropout.schedules.Schedule` for every dropout
@@ -132,6 +133,7 @@ class DropoutScheduler(Callback):
         return f"{type(self).__name__}({schedule!r}{targets}{interval}{profile})"
 
     @property
+    @override
     def state_key(self) -> str:
         # Several schedulers may share a Trainer (one per group of sites, one on steps and
         # one on epochs): each keeps its own state, keyed by what it drives. The values of
@@ -188,6 +190,7 @@ class DropoutScheduler(Callback):
     def _targeted(self, name: str, module: nn.Module) -> bool:
         return any(matches_target(name, module, target) for target in self.targets or ())
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here rather than in setup: layers built in configure_model exist only from now on.
         self._groups = self.find_groups(pl_module)
@@ -211,6 +214,7 @@ class DropoutScheduler(Callback):
             for group, s in self.schedules.items()
         }
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every scheduler's on_fit_start: each knows its sites now.
         mine = self.site_controls()
@@ -236,6 +240,7 @@ class DropoutScheduler(Callback):
             )
         return int(total)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -273,11 +278,13 @@ class DropoutScheduler(Callback):
             for group, s in schedules.items()
         }
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._groups, self._resolved, self._plan = {}, {}, []
             self._total = self._restored = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "interval": self.interval,
@@ -286,6 +293,7 @@ class DropoutScheduler(Callback):
             "shares": dict(self._shares),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._total = state_dict.get("total")
         self._shares = dict(state_dict.get("shares", {}))

@@ -34,10 +34,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._mc_evaluation import MCEvaluation, reliability_png
+from lightning_dropout.callbacks._run import DropoutCallback
 from lightning_dropout.consistent_masks import ConsistentMasks
 from lightning_dropout.mc import (
     OUTPUT_KINDS,
@@ -60,7 +62,7 @@ TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 CHART_CATEGORY = "MC dropout: uncertainty, MC against deterministic"
 
 
-class MCDropout(L.Callback):
+class MCDropout(DropoutCallback):
     """Keep dropout stochastic in the chosen stages, return Monte-Carlo summaries, and
     measure how good their uncertainty is.
 
@@ -173,6 +175,7 @@ class MCDropout(L.Callback):
         self._pair_output = False
         self._said: set[str] = set()
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.consistent:
             # Every rank must build the same sub-networks: one seed, from rank 0.
@@ -197,16 +200,20 @@ class MCDropout(L.Callback):
             charts["test: out-of-distribution detection"] = [r"test/mc/ood_"]
         return charts
 
+    @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "predict" in self.stages:
             self._patch(trainer, pl_module, "predict_step", summary=True)
 
+    @override
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._unpatch("predict_step")
 
+    @override
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_loop(trainer, pl_module, "test")
 
+    @override
     def on_test_batch_end(
         self,
         trainer: L.Trainer,
@@ -219,15 +226,19 @@ class MCDropout(L.Callback):
         ood = None if self.ood_dataloader_idx is None else dataloader_idx == self.ood_dataloader_idx
         self._measure(batch, ood)
 
+    @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results(trainer, pl_module, "test")
 
+    @override
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._unpatch_forward("test_step")
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_loop(trainer, pl_module, "validate")
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
@@ -239,9 +250,11 @@ class MCDropout(L.Callback):
     ) -> None:
         self._measure(batch, None)
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_results(trainer, pl_module, "validate")
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._unpatch_forward("validation_step")
 
@@ -264,12 +277,14 @@ class MCDropout(L.Callback):
         self._unpatch("forward")
         self._evaluation = None
 
+    @override
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         for name in list(self._restore):
             self._unpatch(name)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for name in list(self._restore):
             self._unpatch(name)

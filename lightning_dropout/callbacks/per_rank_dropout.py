@@ -18,11 +18,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_dropout._validation import check_bool
+from lightning_dropout.callbacks._run import DropoutCallback
 from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
 from lightning_dropout.random_streams import RankStreams, ShardedSites, mesh_ranks
 from lightning_dropout.sites import find_sites
@@ -64,7 +65,7 @@ def check_supported_strategy(trainer: pl.Trainer, caller: str) -> None:
         )
 
 
-class PerRankDropout(Callback):
+class PerRankDropout(DropoutCallback):
     """Give every data-parallel rank its own reproducible dropout masks (the default with the mixin).
 
     During each training batch, torch's global CPU generator and the rank's CUDA generator
@@ -131,6 +132,7 @@ class PerRankDropout(Callback):
         self._devices: list[torch.device] = []
         self._loaded_state: dict[str, int] = {}
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled:  # a disabled callback touches nothing, under any strategy
             return
@@ -176,22 +178,28 @@ class PerRankDropout(Callback):
         if self._tensor_rank is not None and self.sharded_sites and self.sharded is None:
             self.sharded = ShardedSites(pl_module, self.sharded_sites, self._tensor_rank, self._devices)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark_sharded_sites(pl_module)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark_sharded_sites(pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark_sharded_sites(pl_module)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark_sharded_sites(pl_module)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:  # the mixin's default callback: its users see the site table too
             report_sites(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -203,19 +211,23 @@ class PerRankDropout(Callback):
             self.streams.deactivate()
             self.streams.activate()
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._close()
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._close()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
         if self.sharded is not None:
@@ -226,11 +238,13 @@ class PerRankDropout(Callback):
         if self.streams is not None:
             self.streams.deactivate()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.streams is not None:
             return self.streams.state_dict()
         return dict(self._loaded_state)
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state: dict[str, int] = {key: int(state_dict[key]) for key in ("seed", "step") if key in state_dict}
         if self.streams is not None:
