@@ -38,6 +38,25 @@ def check_probability(name: str, value: Any, *, allow_one: bool = True) -> float
     return p
 
 
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise naming ``name``.
+
+    Raises:
+        TypeError: ``value`` is not a real number (bools are refused too).
+        ValueError: ``value`` is not finite or not > 0.
+
+    Example:
+        >>> check_positive("temperature", 0.1)
+        0.1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0.0):
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    return number
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an int >= 1, else raise naming ``name``.
 

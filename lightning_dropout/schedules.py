@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_dropout._validation import check_probability
+from lightning_dropout._validation import check_positive, check_probability
 
 __all__ = [
     "Chain",
@@ -85,16 +85,6 @@ def check_length(name: str, value: Any) -> Length:
             f"{name} must be an int >= 1 (steps) or a float in (0, 1] (a fraction of the run), got {value!r}"
         )
     return fraction
-
-
-def check_rate(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a finite number > 0, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__} {value!r}")
-    rate = float(value)
-    if not (math.isfinite(rate) and rate > 0.0):
-        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-    return rate
 
 
 def check_increasing(name: str, lengths: list[Length]) -> None:
@@ -364,7 +354,7 @@ class Exponential(Schedule):
         self._args = {
             "start": check_probability("start", start, allow_one=False),
             "end": check_probability("end", end, allow_one=False),
-            "rate": check_rate("rate", rate),
+            "rate": check_positive("rate", rate),
         }
 
     def value(self, step: int) -> float:
@@ -395,7 +385,7 @@ class Curriculum(Schedule):
     def __init__(self, p_final: float, gamma: float) -> None:
         self._args = {
             "p_final": check_probability("p_final", p_final, allow_one=False),
-            "gamma": check_rate("gamma", gamma),
+            "gamma": check_positive("gamma", gamma),
         }
 
     def value(self, step: int) -> float:

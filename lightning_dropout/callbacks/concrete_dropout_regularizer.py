@@ -19,10 +19,9 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_dropout._validation import check_positive_int
+from lightning_dropout._validation import check_positive, check_positive_int
 from lightning_dropout.callbacks._run import DropoutCallback
 from lightning_dropout.layers import ConcreteDropout
-from lightning_dropout.schedules import check_rate
 
 
 def _check_weights(value: Any) -> dict[str, list[str]]:
@@ -99,8 +98,8 @@ class ConcreteDropoutRegularizer(DropoutCallback):
     ) -> None:
         self.dataset_size = check_positive_int("dataset_size", dataset_size)
         self.weights = _check_weights(weights)
-        self.length_scale = check_rate("length_scale", length_scale)
-        self.precision = check_rate("precision", precision)
+        self.length_scale = check_positive("length_scale", length_scale)
+        self.precision = check_positive("precision", precision)
         self._pairs: list[tuple[ConcreteDropout, list[Tensor]]] = []
 
     @override

@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dropout._validation import check_positive_int, check_probability
+from lightning_dropout._validation import check_positive, check_positive_int, check_probability
 from lightning_dropout.layers.base import DropProbability, check_floating
 from lightning_dropout.layers.traceable import _draw_dtype
-from lightning_dropout.schedules import check_rate
 
 
 def _open_probability(value: object) -> float:
@@ -79,7 +78,7 @@ def concrete_dropout(x: Tensor, p_logit: Tensor, temperature: float = 0.1, train
         True
     """
     check_floating(x)
-    temperature = check_rate("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     if not training:
         return x
     dtype = _draw_dtype(x)
@@ -131,7 +130,7 @@ class ConcreteDropout(DropProbability, nn.Module):
         super().__init__()
         self.p_logit = nn.Parameter(torch.zeros(()))
         self.p = p
-        self.temperature = check_rate("temperature", temperature)
+        self.temperature = check_positive("temperature", temperature)
 
     @property
     def p(self) -> float:
@@ -183,8 +182,8 @@ class ConcreteDropout(DropProbability, nn.Module):
         if not weights or not all(isinstance(w, Tensor) for w in weights):
             raise ValueError(f"weight must be a tensor or a non-empty sequence of tensors, got {weight!r}")
         n = check_positive_int("dataset_size", dataset_size)
-        scale = check_rate("length_scale", length_scale) ** 2
-        tau = check_rate("precision", precision)
+        scale = check_positive("length_scale", length_scale) ** 2
+        tau = check_positive("precision", precision)
         if units is None:
             if weights[0].dim() < 2:
                 raise ValueError("units: a weight of one dimension has no input features; pass units")

@@ -1,8 +1,10 @@
-"""torchmetrics Metrics that make dropout's effects measurable (no Lightning import)."""
+"""torchmetrics Metrics that make dropout's effects measurable, with their functional forms
+(no Lightning import)."""
 
 from lightning_dropout.metrics.channel_drop import ChannelDrop
 from lightning_dropout.metrics.coactivation import CoActivation
 from lightning_dropout.metrics.drop_rate import DropRate
+from lightning_dropout.metrics.functional import channel_drop, co_activation, drop_rate
 from lightning_dropout.metrics.uncertainty import (
     BrierScore,
     GaussianNLL,
@@ -20,4 +22,7 @@ __all__ = [
     "IntervalCoverage",
     "NegativeLogLikelihood",
     "ReliabilityDiagram",
+    "channel_drop",
+    "co_activation",
+    "drop_rate",
 ]

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_dropout._validation import check_positive_int, check_probability
-from lightning_dropout.metrics.functional import binomial_z
+from lightning_dropout._validation import check_positive, check_positive_int
+from lightning_dropout.metrics.functional import _channel_drop_compute, _channel_drop_update
 
 
 class ChannelDrop(Metric):
@@ -59,9 +59,7 @@ class ChannelDrop(Metric):
     def __init__(self, num_channels: int, tolerance_sigmas: float = 4.0, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.num_channels = check_positive_int("num_channels", num_channels)
-        if not isinstance(tolerance_sigmas, (int, float)) or not tolerance_sigmas > 0:
-            raise ValueError(f"tolerance_sigmas must be a number > 0, got {tolerance_sigmas!r}")
-        self.tolerance_sigmas = float(tolerance_sigmas)
+        self.tolerance_sigmas = check_positive("tolerance_sigmas", tolerance_sigmas)
         for name in ("drop_count", "observed", "expected_drops", "drop_variance"):
             self.add_state(name, torch.zeros(num_channels, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -73,29 +71,14 @@ class ChannelDrop(Metric):
             p: the drop probability the layer used.
             valid: optional bool ``[N, C]``: which entries to count (default: all).
         """
-        p = check_probability("p", p)
-        if dropped.dim() != 2 or dropped.shape[1] != self.num_channels:
-            raise ValueError(f"dropped must have shape [N, {self.num_channels}], got {tuple(dropped.shape)}")
-        dropped = dropped.detach().to(torch.bool)
-        seen = torch.ones_like(dropped) if valid is None else valid.detach().to(torch.bool)
-        observed = seen.sum(dim=0, dtype=torch.float64)
-        self.drop_count += (dropped & seen).sum(dim=0, dtype=torch.float64)
+        drops, observed, expected, variance = _channel_drop_update(dropped, p, valid, self.num_channels)
+        self.drop_count += drops
         self.observed += observed
-        self.expected_drops += p * observed
-        self.drop_variance += p * (1.0 - p) * observed
+        self.expected_drops += expected
+        self.drop_variance += variance
 
     def compute(self) -> dict[str, Tensor]:
         """The drop statistics of everything seen since the last reset (see the class doc)."""
-        observed = self.observed.clamp_min(1)
-        seen = self.observed.sum().clamp_min(1)
-        z = binomial_z(self.drop_count.sum(), self.expected_drops.sum(), self.drop_variance.sum())
-        return {
-            "drop_count": self.drop_count,
-            "observed": self.observed,
-            "per_channel": self.drop_count / observed,
-            "fraction": self.drop_count.sum() / seen,
-            "expected": self.expected_drops.sum() / seen,
-            "z_score": z,
-            "channel_z": binomial_z(self.drop_count, self.expected_drops, self.drop_variance),
-            "consistent": z.abs() <= self.tolerance_sigmas,
-        }
+        return _channel_drop_compute(
+            self.drop_count, self.observed, self.expected_drops, self.drop_variance, self.tolerance_sigmas
+        )

@@ -10,14 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_dropout._validation import check_positive_int
-from lightning_dropout.metrics.functional import (
-    correlation_from_covariance,
-    covariance_from_moments,
-    decov,
-    mean_abs_off_diagonal,
-    units_of,
-    zero_counts,
-)
+from lightning_dropout.metrics.functional import _co_activation_compute, _co_activation_update
 
 
 class CoActivation(Metric):
@@ -72,28 +65,13 @@ class CoActivation(Metric):
 
     def update(self, acts: Tensor) -> None:
         """Add a batch of activations ``[B, D]`` or ``[B, C, ...]`` (reduced per channel)."""
-        acts = acts.detach()
-        units = units_of(acts).to(torch.float64)
-        if units.shape[1] != self.num_units:
-            raise ValueError(
-                f"acts has {units.shape[1]} units (dimension 1 of shape {tuple(acts.shape)}), "
-                f"but this metric has num_units={self.num_units}"
-            )
-        self.count += units.shape[0]
-        self.total += units.sum(dim=0)
-        self.outer += units.T @ units
-        self.zeros += zero_counts(acts).sum()
-        self.elements += acts.numel()
+        count, total, outer, zeros, elements = _co_activation_update(acts, self.num_units)
+        self.count += count
+        self.total += total
+        self.outer += outer
+        self.zeros += zeros
+        self.elements += elements
 
     def compute(self) -> dict[str, Tensor]:
         """The statistics of everything seen since the last reset (see the class doc)."""
-        cov = covariance_from_moments(self.count, self.total, self.outer)
-        corr = correlation_from_covariance(cov)
-        return {
-            "corr": corr,
-            "mean_abs_corr": mean_abs_off_diagonal(corr),
-            "decov": decov(cov),
-            "sparsity": self.zeros / self.elements,
-            "mean_activation": self.total / self.count,
-            "num_samples": self.count,
-        }
+        return _co_activation_compute(self.count, self.total, self.outer, self.zeros, self.elements)

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_dropout.metrics.functional import _drop_rate_update
+
 
 class DropRate(Metric):
     """Streaming ratio ``sum(dropped) / sum(observed)`` with float64 sums, DDP-reduced.
@@ -35,8 +37,9 @@ class DropRate(Metric):
 
     def update(self, dropped: Tensor | float, observed: Tensor | float) -> None:
         """Add ``dropped`` drops out of ``observed`` units that could drop."""
-        self.dropped += torch.as_tensor(dropped, dtype=torch.float64, device=self.device).sum()
-        self.observed += torch.as_tensor(observed, dtype=torch.float64, device=self.device).sum()
+        count, seen = _drop_rate_update(dropped, observed)
+        self.dropped += count.to(self.device)
+        self.observed += seen.to(self.device)
 
     def compute(self) -> Tensor:
         """The realised rate (NaN when nothing was observed)."""
