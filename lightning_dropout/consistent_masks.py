@@ -116,7 +116,7 @@ class ConsistentMasks:
 
     Enter it around the passes, and open :meth:`replicas` around each forward call with
     the replicas that call holds (``count`` replicas stacked replica-major along dim 0).
-    The sites must already drop (:func:`~lightning_dropout.mc.mc_mode`).
+    The sites must already drop (:func:`~lightning_dropout.mc.mc_dropout`).
 
     Args:
         model: the model whose sites these are (for the names of running modules).

@@ -4,7 +4,7 @@ A network trained with dropout is an ensemble of thinned networks with shared we
 averaging many stochastic forward passes approximates the Bayesian predictive
 distribution (Gal & Ghahramani, "Dropout as a Bayesian Approximation", ICML 2016).
 
-:func:`mc_mode` makes every dropout site of a model drop (dropout modules, attention
+:func:`mc_dropout` makes every dropout site of a model drop (dropout modules, attention
 dropout inside ``scaled_dot_product_attention``, rates read in a forward; see
 :mod:`lightning_dropout.sites`) by turning on only the ``training`` flags that gate them, so
 BatchNorm keeps its running statistics untouched, and restores every module's mode on
@@ -106,7 +106,7 @@ class MCOutput:
 
     @classmethod
     def from_samples(
-        cls, samples: Tensor, output: str = "logits", class_dim: int = -1, keep_samples: bool = False
+        cls, samples: Tensor, output: str = "logits", class_dim: int = -1, return_samples: bool = False
     ) -> MCOutput:
         """Summarise ``samples`` of shape ``(n_samples, *output_shape)``.
 
@@ -114,13 +114,13 @@ class MCOutput:
             samples: the passes' outputs stacked along dimension 0.
             output: ``"logits"``, ``"probs"``, ``"regression"`` or ``"gaussian"``.
             class_dim: the class dimension of one output (not counting the sample one).
-            keep_samples: keep the (probability) samples in the result.
+            return_samples: keep the (probability) samples in the result.
 
         Raises:
             ValueError: an unknown ``output``, a class dimension of size 1, or a
                 ``"gaussian"`` output whose last dimension is not 2.
         """
-        return summarize([samples], output, class_dim, keep_samples)
+        return summarize([samples], output, class_dim, return_samples)
 
     def log_mean(self) -> Tensor:
         """The MC prediction as one tensor a loss or metric can take like a plain output.
@@ -138,7 +138,7 @@ class MCOutput:
 
 
 @contextmanager
-def mc_mode(
+def mc_dropout(
     module: nn.Module,
     sites: str | Sequence[str] | None = None,
     found: Mapping[str, DropoutSite] | None = None,
@@ -164,7 +164,7 @@ def mc_mode(
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Dropout()).eval()
-        >>> with mc_mode(net):
+        >>> with mc_dropout(net):
         ...     [m.training for m in net]
         [False, True]
         >>> [m.training for m in net]
@@ -296,7 +296,7 @@ def mc_samples(
     Each yielded tensor has shape ``(k, *output_shape)`` with the chunk's ``k`` passes.
     Looped: one call per pass. Batched: ``step`` runs on ``batch`` replicated ``k`` times
     along dim 0 with independent DropConnect masks per replica. The caller sets the modes
-    (:func:`mc_mode`) and the grad mode.
+    (:func:`mc_dropout`) and the grad mode.
 
     Args:
         step: maps a batch to a tensor whose dim 0 is the batch.
@@ -353,7 +353,7 @@ def mc_predict(
 ) -> MCOutput:
     """Monte-Carlo dropout prediction: ``n_samples`` stochastic passes of ``model(x)``.
 
-    Runs under ``torch.no_grad`` and :func:`mc_mode` (every dropout site stochastic,
+    Runs under ``torch.no_grad`` and :func:`mc_dropout` (every dropout site stochastic,
     attention dropout included; BatchNorm and the rest keep their mode; every mode
     restored afterwards). Warns when the passes would all be equal (no site, or p = 0
     everywhere).
@@ -544,7 +544,7 @@ def deterministic_reason(sites: Mapping[str, DropoutSite]) -> str | None:
 
 
 def summarize(
-    chunks: Iterable[Tensor], output: str = "logits", class_dim: int = -1, keep_samples: bool = False
+    chunks: Iterable[Tensor], output: str = "logits", class_dim: int = -1, return_samples: bool = False
 ) -> MCOutput:
     """Summarise chunks of samples, each shaped ``(k, *output_shape)``, into an :class:`MCOutput`.
 
@@ -554,7 +554,7 @@ def summarize(
         chunks: the passes' outputs, chunk by chunk (as :func:`mc_samples` yields them).
         output: ``"logits"``, ``"probs"``, ``"regression"`` or ``"gaussian"``.
         class_dim: the class dimension of one output.
-        keep_samples: keep the (probability) samples in the result.
+        return_samples: keep the (probability) samples in the result.
 
     Raises:
         TypeError: ``class_dim`` is not an int.
@@ -570,7 +570,7 @@ def summarize(
         >>> g.mean.item(), g.aleatoric.item(), g.epistemic.item(), g.variance.item()
         (2.0, 1.0, 1.0, 2.0)
     """
-    summary = _Summary(check_choice("output", output, OUTPUT_KINDS), class_dim, keep_samples)
+    summary = _Summary(check_choice("output", output, OUTPUT_KINDS), class_dim, return_samples)
     for samples in chunks:
         summary.update(samples)
     return summary.result()
@@ -580,12 +580,12 @@ class _Summary:
     """Streaming mean, variance and entropies over chunks of samples (Chan et al.'s merge),
     so that only the requested samples are ever kept."""
 
-    def __init__(self, output: str, class_dim: int, keep_samples: bool) -> None:
+    def __init__(self, output: str, class_dim: int, return_samples: bool) -> None:
         if isinstance(class_dim, bool) or not isinstance(class_dim, int):
             raise TypeError(f"class_dim must be an int, got {type(class_dim).__name__} {class_dim!r}")
         self.output = output
         self.class_dim = class_dim
-        self.keep_samples = keep_samples
+        self.return_samples = return_samples
         self.count = 0
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
@@ -594,7 +594,7 @@ class _Summary:
         self.kept: list[Tensor] = []
 
     def update(self, samples: Tensor) -> None:
-        if self.keep_samples and self.output == "gaussian":
+        if self.return_samples and self.output == "gaussian":
             self.kept.append(samples)
         if self.output == "gaussian":
             if samples.dim() < 2 or samples.shape[-1] != 2:
@@ -627,7 +627,7 @@ class _Summary:
             self.mean = self.mean + delta * (k / total)
             self.m2 = self.m2 + chunk_m2 + delta**2 * (self.count * k / total)
         self.count += k
-        if self.keep_samples and self.output != "gaussian":
+        if self.return_samples and self.output != "gaussian":
             self.kept.append(samples)
 
     def result(self) -> MCOutput:
@@ -650,7 +650,7 @@ class _Summary:
             out.variance = out.aleatoric + spread
         else:
             out.epistemic = spread
-        if self.keep_samples:
+        if self.return_samples:
             out.samples = torch.cat(self.kept)
         return out
 
@@ -666,6 +666,9 @@ def _checked_tensor(out: Any) -> Tensor:
     return out
 
 
+# The name this context manager had before it took the mixin's (and MCDropout's) word.
+mc_mode = mc_dropout
+
 __all__ = [
     "OUTPUT_KINDS",
     "MCOutput",
@@ -673,6 +676,7 @@ __all__ = [
     "deterministic_reason",
     "gaussian_step",
     "independent_replica_masks",
+    "mc_dropout",
     "mc_mode",
     "mc_predict",
     "mc_samples",

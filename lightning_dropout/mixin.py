@@ -105,7 +105,7 @@ class DropoutMixin:
         Attention dropout and rates read in a forward included; BatchNorm and every other
         module keep their mode; all modes are restored on exit, also after an exception.
         """
-        return mc.mc_mode(self._module())
+        return mc.mc_dropout(self._module())
 
     def mc_predict(
         self,

@@ -19,7 +19,7 @@ from lightning_dropout import (
     EmbeddingDropout,
     MCOutput,
 )
-from lightning_dropout.mc import independent_replica_masks, mc_mode, mc_predict, replicate, summarize
+from lightning_dropout.mc import independent_replica_masks, mc_dropout, mc_predict, replicate, summarize
 
 
 def conv_net() -> nn.Module:
@@ -56,7 +56,7 @@ def test_mc_mode_flips_only_dropout_layers_and_restores_after_exception() -> Non
     net.eval()
     net[0].train()  # a mixed state must come back exactly
     before = {name: m.training for name, m in net.named_modules()}
-    with pytest.raises(RuntimeError, match="boom"), mc_mode(net):
+    with pytest.raises(RuntimeError, match="boom"), mc_dropout(net):
         assert net[1].training and net[2].training
         assert net[0].training and not net[2].module.training and not inner_bn.training
         raise RuntimeError("boom")
@@ -156,7 +156,7 @@ def test_batched_and_looped_agree_in_distribution() -> None:
 
 def test_summaries_match_definitions() -> None:
     logits = torch.randn(5, 4, 3)
-    out = MCOutput.from_samples(logits, keep_samples=True)
+    out = MCOutput.from_samples(logits, return_samples=True)
     probs = logits.softmax(-1)
     mean = probs.mean(0)
     entropy = -(mean * mean.log()).sum(-1)
@@ -289,7 +289,7 @@ def test_gaussian_output_splits_aleatoric_and_epistemic_on_a_heteroscedastic_pro
 
 def test_standard_error_and_the_entropy_split_match_their_definitions() -> None:
     logits = torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(1))
-    out = summarize([logits[:3], logits[3:]], keep_samples=True)
+    out = summarize([logits[:3], logits[3:]], return_samples=True)
     probs = logits.softmax(-1)
     torch.testing.assert_close(out.standard_error, (probs.var(0, unbiased=True) / 7).sqrt())
     assert out.entropy is not None and out.aleatoric is not None and out.epistemic is not None

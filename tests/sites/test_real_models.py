@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dropout.mc import mc_mode, mc_predict
+from lightning_dropout.mc import mc_dropout, mc_predict
 from lightning_dropout.sites import find_sites, set_dropout_p
 from tests import _models
 
@@ -218,13 +218,13 @@ def test_mc_mode_on_attention_only_sdpa_models_reaches_inside_the_attention() ->
     case = ATTENTION_ONLY["bert-attention-only"]
     model = case.model().eval()
     x = case.inputs(2)
-    with torch.no_grad(), mc_mode(model):
+    with torch.no_grad(), mc_dropout(model):
         attention = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
         assert attention and all(m.training for m in attention)
         assert not model.model.bert.encoder.layer[0].output.LayerNorm.training
         first, second = model(x), model(x)
     assert not torch.equal(first, second)
-    with torch.no_grad(), mc_mode(model, sites="*embeddings*"):  # only a site at p = 0
+    with torch.no_grad(), mc_dropout(model, sites="*embeddings*"):  # only a site at p = 0
         torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
 
 
