@@ -333,33 +333,34 @@ class Step(Schedule):
 
 
 class Exponential(Schedule):
-    """Exponential approach from ``start`` to ``end``: ``end + (start - end) exp(-rate t)``.
+    """Exponential approach from ``start`` to ``end``: ``end + (start - end) exp(-decay t)``.
 
     Args:
         start: p at step 0, in [0, 1).
         end: the limit as steps grow, in [0, 1).
-        rate: decay rate per step, > 0 (the gap halves every ``ln 2 / rate`` steps).
+        decay: the decay constant per step, > 0 (the gap halves every ``ln 2 / decay``
+            steps). Not a drop probability: ``p`` is the only word for those.
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: ``start`` or ``end`` outside [0, 1), or ``rate`` <= 0.
+        ValueError: ``start`` or ``end`` outside [0, 1), or ``decay`` <= 0.
 
     Example:
-        >>> schedule = Exponential(0.4, 0.0, rate=math.log(2) / 10)
+        >>> schedule = Exponential(0.4, 0.0, decay=math.log(2) / 10)
         >>> schedule(0), round(schedule(10), 6)
         (0.4, 0.2)
     """
 
-    def __init__(self, start: float, end: float, rate: float) -> None:
+    def __init__(self, start: float, end: float, decay: float) -> None:
         self._args = {
             "start": check_probability("start", start, allow_one=False),
             "end": check_probability("end", end, allow_one=False),
-            "rate": check_positive("rate", rate),
+            "decay": check_positive("decay", decay),
         }
 
     def value(self, step: int) -> float:
-        start, end, rate = self._args["start"], self._args["end"], self._args["rate"]
-        return _clamp(end + (start - end) * math.exp(-rate * step), start, end)
+        start, end, decay = self._args["start"], self._args["end"], self._args["decay"]
+        return _clamp(end + (start - end) * math.exp(-decay * step), start, end)
 
 
 class Curriculum(Schedule):

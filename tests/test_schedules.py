@@ -49,11 +49,11 @@ def test_step_switches_at_milestones() -> None:
 
 
 def test_exponential_and_curriculum() -> None:
-    schedule = Exponential(0.5, 0.1, rate=0.2)
+    schedule = Exponential(0.5, 0.1, decay=0.2)
     assert values(schedule, [0, 5, 10]) == pytest.approx(
         [0.5, 0.1 + 0.4 * math.exp(-1), 0.1 + 0.4 * math.exp(-2)]
     )
-    rising = Exponential(0.0, 0.4, rate=1.0)
+    rising = Exponential(0.0, 0.4, decay=1.0)
     assert rising(0) == 0.0 and rising(10**6) == pytest.approx(0.4)
     curriculum = Curriculum(p_final=0.5, gamma=0.1)
     expected = [0.5 * (1 - math.exp(-0.1 * t)) for t in (0, 1, 10, 100)]
@@ -125,8 +125,8 @@ def test_repr_reads_back_as_the_call() -> None:
         (lambda: Step([0.1, 0.2, 0.3], [6, 5]), ValueError, "milestones must be strictly increasing"),
         (lambda: Step([0.1, 1.0], [5]), ValueError, r"values\[1\]"),
         (lambda: Step(0.1, [5]), TypeError, "values"),
-        (lambda: Exponential(0.5, 0.1, rate=0.0), ValueError, "rate"),
-        (lambda: Exponential(0.5, 0.1, rate=float("inf")), ValueError, "rate"),
+        (lambda: Exponential(0.5, 0.1, decay=0.0), ValueError, "decay"),
+        (lambda: Exponential(0.5, 0.1, decay=float("inf")), ValueError, "decay"),
         (lambda: Curriculum(1.0, gamma=0.1), ValueError, "p_final"),
         (lambda: Curriculum(0.5, gamma=-1.0), ValueError, "gamma"),
         (lambda: EarlyDropout(0.1, until=0), ValueError, "until"),
