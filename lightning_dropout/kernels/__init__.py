@@ -101,6 +101,8 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     """Multiply ``x`` elementwise by independent N(1, sigma^2) noise."""
     if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
         return triton_kernels.gaussian_dropout(x, sigma)
+    if _cpu_fast(x):
+        return cpu.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
 
 

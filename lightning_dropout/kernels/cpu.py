@@ -1,39 +1,35 @@
-"""The CPU fast path: exact Bernoulli masks from 64-bit random words, 8 decisions a word.
+"""The CPU fast path: exact Bernoulli masks from torch's random bytes, applied in one pass.
 
-On CPU, ``bernoulli_`` costs about 12 ns an element while a copy costs about 0.2 ns: the
-random draw, not memory, is what dropout pays for. This path draws 64-bit words from
-torch's own generator (``random_`` over the full 64-bit range: reproducible under
-``torch.manual_seed``, and per rank where the caller seeds per rank) and reads each word
-as 8 uniform random bytes, one byte per decision.
+Masks. On CPU ``bernoulli_`` costs about 10 ns an element and a copy 0.2 ns: the draw is
+what dropout pays for. This path draws 64-bit words from torch's own generator
+(``random_``: reproducible under ``torch.manual_seed``, and per rank where the caller
+seeds per rank) and reads them as one uniform byte per decision. An element is dropped
+iff ``U < p``, where ``U = 0.u1 u2 ...`` (base 256) is uniform on [0, 1) and
+``p = 0.p1 p2 ... pk`` is the exact base-256 expansion of the float64 ``p``. The first
+byte decides unless ``u1 == p1`` (probability 1/256, never when ``p`` is a multiple of
+1/256); only those ties draw further bytes, until the tie is gone or the expansion ends
+(then ``U >= p``: kept). So every element is dropped independently with probability
+exactly ``p``. The mask is one bool an element (or channel), kept for backward as
+torch keeps its own.
 
-Exactness. An element is dropped iff ``U < p``, where ``U = 0.u1 u2 u3 ...`` (base 256)
-is uniform on [0, 1) and ``p = 0.p1 p2 p3 ...`` is the exact base-256 expansion of the
-float64 ``p``. The first byte decides unless ``u1 == p1`` (probability 1/256); only
-those ties draw a further byte, and so on until the ties are gone or the expansion of
-``p`` ends (a tie then means ``U >= p``: kept). So every element is dropped
-independently with probability exactly ``p`` as a double, whether or not ``p`` is a
-multiple of 1/256; the extra draws touch about ``n / 256`` elements.
-
-The first byte is compared with SWAR arithmetic on whole int64 words (a lane never
-borrows from its neighbour), which is several times faster than a byte-wise comparison.
-The mask is one byte an element (-1 kept, 0 dropped), kept for backward like torch's
-bool mask. It is applied with an integer AND on the scaled input's bits, so a dropped
-infinite or NaN input gives an exact 0, as :mod:`.reference` does (``torch.where`` and
-``masked_fill`` cost about 4 ns an element here; the AND about 0.5 ns). Every step
-works in place on a few small buffers: fresh 4 MB temporaries cost more in page faults
-than the arithmetic on them.
-
-Threads. Every op runs on pieces below torch's parallel grain size, so on one thread.
-Measured on this 2-core host shared with other jobs, a pipeline of some 100 parallel
-regions took 0.5 s instead of 20 ms (each region waits until both its threads are
-scheduled), while ``bernoulli_``, serial anyway, was unaffected; serially the path is
-about as fast on an idle host and stays fast on a busy one. (A thread pool over the
-pieces gave nothing measurable here.)
+Applying. With numba, one compiled pass (:mod:`._compiled`) writes ``x * scale`` on kept
+entries and +0.0 on dropped ones without reading them, so a dropped inf or NaN gives an
+exact 0 (float32 and float64). Without numba, and for other dtypes, torch ops compute the
+same values from the same masks. Large tensors are split over ``torch.get_num_threads()``
+plain threads that release the GIL and block rather than spin: on a host whose other
+cores are busy the pieces run one after another, where torch's own parallel ops were
+measured at ten times their idle time.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -41,27 +37,25 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "apply_keep_bytes",
+    "NUMBA_SWITCH",
     "channel_dropout",
+    "compiled",
     "dropout",
+    "gaussian_dropout",
     "group_masked_weights",
-    "keep_bytes",
+    "keep_mask",
     "probability_digits",
 ]
 
-_LANES = 8
-_ONES = 0x0101010101010101
-_HIGH = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as a signed int64
-_LOW7 = 0x7F7F7F7F7F7F7F7F
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Set to 0 to use torch ops instead of the numba kernels (same masks, same values).
+NUMBA_SWITCH = "LIGHTNING_DROPOUT_NUMBA"
+_COMPILED_DTYPES = (torch.float32, torch.float64)
 _MIN_INT64 = -(2**63)
-# torch runs an elementwise op on one thread below 32768 elements (GRAIN_SIZE). The path
-# works in pieces below that: on a busy host every parallel region waits until all its
-# threads are scheduled, which made a many-op pipeline 10x slower than its idle time.
-_SERIAL = 32767
-# Mask entries covering at least this many elements (channels) are applied whole rows at
-# a time.
-_WHOLE_ROWS = 64
+# Below this many elements a kernel runs on the calling thread alone: starting a thread
+# costs about as much as the pass.
+_PARALLEL_NUMEL = 1 << 18
+# Channels at least this long are applied row by row; shorter ones element by element.
+_ROW_LENGTH = 16
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,35 +72,47 @@ def probability_digits(p: float) -> bytes:
     return (numerator << (8 * length - bits)).to_bytes(length, "big")
 
 
-def _random_words(count: int, generator: torch.Generator | None) -> Tensor:
-    words = torch.empty(count, dtype=torch.int64)
-    return words.random_(_MIN_INT64, None, generator=generator)
+@functools.cache
+def compiled() -> ModuleType | None:
+    """The numba kernels, compiled, or None where numba is missing, switched off or fails.
+
+    Example:
+        >>> compiled() is None or callable(compiled().scale_rows)
+        True
+    """
+    if os.environ.get(NUMBA_SWITCH, "1") == "0":
+        return None
+    try:
+        from lightning_dropout.kernels import _compiled
+    except ImportError:
+        return None
+    try:  # compile every kernel now, before any call draws random numbers
+        for dtype in (np.float32, np.float64):
+            x, keep = np.ones(2, dtype), np.ones((1, 2), np.bool_)
+            _compiled.scale_elements(x, keep, dtype(2), np.empty((1, 2), dtype))
+            _compiled.scale_rows(x[:, None], keep[0], dtype(2), np.empty((2, 1), dtype))
+            _compiled.sum_masked(x[None], keep, dtype(2), np.zeros(2, dtype))
+            _compiled.noise_product(x, x.copy(), dtype(2), np.empty(2, dtype))
+    except Exception as error:  # a numba that cannot compile here: torch ops instead
+        warnings.warn(f"numba kernels unavailable, using torch ops: {error!r}", RuntimeWarning, stacklevel=2)
+        return None
+    return _compiled
 
 
-def _tie_flags(words: Tensor, digit: int, out: Tensor, scratch: Tensor) -> None:
-    """Into ``out``: each byte lane's high bit set iff the lane equals ``digit`` (exact)."""
-    diff = torch.bitwise_xor(words, digit * _ONES, out=scratch)
-    torch.bitwise_and(diff, _LOW7, out=out)
-    out.add_(_LOW7).bitwise_or_(diff).bitwise_or_(_LOW7).bitwise_not_()
+def _fits_compiled(x: Tensor) -> ModuleType | None:
+    return compiled() if x.dtype in _COMPILED_DTYPES else None
 
 
-def _keep_lanes(words: Tensor, digit: int, out: Tensor, scratch: Tensor) -> None:
-    """Into ``out``: each byte lane 0xFF iff the lane (unsigned) is greater than ``digit``."""
-    threshold = digit + 1
-    if threshold == 256:
-        out.zero_()
-        return
-    # Setting each lane's high bit first means no lane borrows from its neighbour; the
-    # high bit of the difference is then "low 7 bits >= threshold's low 7 bits".
-    torch.bitwise_or(words, _HIGH, out=out).sub_((threshold & 0x7F) * _ONES)
-    if threshold & 0x80:
-        out.bitwise_and_(words)
-    else:
-        out.bitwise_or_(words)
-    out.bitwise_and_(_HIGH)
-    # Spread each lane's high bit over the lane (shifts stay inside the lane).
-    for shift in (1, 2, 4):
-        out.bitwise_or_(torch.bitwise_right_shift(out, shift, out=scratch))
+def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
+    """``run(piece)`` over slices covering ``range(count)``, one per thread for large work."""
+    pieces = 1 if numel < _PARALLEL_NUMEL else max(1, min(torch.get_num_threads(), count))
+    bounds = [count * k // pieces for k in range(pieces + 1)]
+    threads = [threading.Thread(target=run, args=(slice(a, b),)) for a, b in itertools.pairwise(bounds[1:])]
+    for thread in threads:
+        thread.start()
+    run(slice(bounds[0], bounds[1]))
+    for thread in threads:
+        thread.join()
 
 
 def _resolve_ties(positions: np.ndarray, digits: bytes, generator: torch.Generator | None) -> np.ndarray:
@@ -115,111 +121,84 @@ def _resolve_ties(positions: np.ndarray, digits: bytes, generator: torch.Generat
     for digit in digits[1:]:
         if positions.size == 0:
             break
-        draws = _random_words(-(-positions.size // _LANES), generator).numpy()
-        lanes = draws.view(np.uint8)[: positions.size]
-        kept.append(positions[lanes > digit])
-        positions = positions[lanes == digit]
+        words = torch.empty(-(-positions.size // 8), dtype=torch.int64)
+        draws = words.random_(_MIN_INT64, None, generator=generator).numpy().view(np.uint8)
+        draws = draws[: positions.size]
+        kept.append(positions[draws > digit])
+        positions = positions[draws == digit]
     kept.append(positions)  # still tied when p's expansion ends: U >= p
     return np.concatenate(kept)
 
 
-def keep_bytes(numel: int, p: float, generator: torch.Generator | None = None) -> Tensor:
-    """A flat int8 mask of ``numel`` entries: -1 (all bits set) w.p. ``1 - p``, else 0.
+def keep_mask(numel: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """A flat bool mask of ``numel`` independent entries, each True w.p. exactly ``1 - p``.
 
-    Entries are independent, and exact for every float ``p`` in (0, 1) (see the module
-    doc); drawn from ``generator`` (torch's global CPU generator when None). The -1 / 0
-    form is what an integer AND needs; ``mask != 0`` is the boolean keep mask.
+    For ``0 < p < 1``; drawn from ``generator`` (torch's global CPU generator when None).
 
     Example:
         >>> _ = torch.manual_seed(0)
-        >>> mask = keep_bytes(1_000_000, 0.3)
-        >>> round((mask != 0).float().mean().item(), 2), sorted(mask.unique().tolist())
-        (0.7, [-1, 0])
+        >>> round(keep_mask(1_000_000, 0.3).float().mean().item(), 2)
+        0.7
     """
     digits = probability_digits(p)
-    count = -(-numel // _LANES)
-    words = _random_words(count, generator)
-    lanes = torch.empty(count, dtype=torch.int64)
-    tie_flags = torch.empty(min(count, _SERIAL), dtype=torch.int64)
-    scratch = torch.empty_like(tie_flags)
-    # p = d / 256 exactly: a tie means U >= p, kept; so keep iff u1 >= d, no ties to find.
+    words = torch.empty(-(-numel // 8), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
+    draws = words.view(torch.uint8)[:numel]
+    # p = d / 256 exactly: keep iff u1 >= d, never a tie. Otherwise keep iff u1 > d.
     on_grid = len(digits) == 1
-    tied_words = []
-    for start in range(0, count, _SERIAL):
-        piece = words[start : start + _SERIAL]
-        size = piece.numel()
-        if on_grid:
-            _keep_lanes(piece, digits[0] - 1, lanes[start : start + size], scratch[:size])
-            continue
-        _tie_flags(piece, digits[0], tie_flags[:size], scratch[:size])
-        tied_words.append(np.flatnonzero(tie_flags[:size].numpy()) + start)
-        _keep_lanes(piece, digits[0], lanes[start : start + size], scratch[:size])
-    keep = lanes.view(torch.int8)[:numel]
-    if tied_words:
-        # Few elements (about 1 in 256): numpy, whose small ops never wait for a thread.
-        ties = np.concatenate(tied_words)
-        flags = words.numpy()[ties].view(np.uint8).reshape(-1, _LANES) == digits[0]
-        rows, lanes_of_rows = np.nonzero(flags)
-        positions = ties[rows] * _LANES + lanes_of_rows
-        keep.numpy()[_resolve_ties(positions[positions < numel], digits, generator)] = -1
+    keep_above = digits[0] - 1 if on_grid else digits[0]
+    keep = torch.empty(numel, dtype=torch.bool)
+    # numpy: one thread, so a busy host does not stall it; this pass costs 0.1 ns a byte.
+    np.greater(draws.numpy(), keep_above, out=keep.numpy())
+    ties = np.empty(0, np.int64) if on_grid else np.flatnonzero(draws.numpy() == keep_above)
+    if ties.size:
+        keep.numpy()[_resolve_ties(ties, digits, generator)] = True
     return keep
 
 
-def _elements_per_entry(x: Tensor, keep: Tensor) -> int | None:
-    """How many elements of ``x`` each mask entry covers, if ``keep`` matches ``x``'s
-    leading dims and broadcasts over the rest (element and channel masks); else None."""
-    if keep.dim() != x.dim() or x.numel() == 0:
-        return None
-    lead = keep.dim()
-    while lead and keep.shape[lead - 1] == 1:
-        lead -= 1
-    if keep.shape[:lead] != x.shape[:lead]:
-        return None
-    return x.numel() // keep.numel()
+def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
+    """``out[g, e, :] = x[e, :] * scale`` where ``keep[g, e]``, exactly +0.0 elsewhere.
 
-
-def apply_keep_bytes(
-    x: Tensor, keep: Tensor, scale: float, inplace: bool = False, out: Tensor | None = None
-) -> Tensor:
-    """``x * scale`` where ``keep`` (int8 -1 / 0, broadcastable) is -1, exactly 0 elsewhere.
-
-    Writes into ``out`` when given (``x`` itself when ``inplace``).
-
-    Example:
-        >>> keep = torch.tensor([-1, 0, -1], dtype=torch.int8)
-        >>> apply_keep_bytes(torch.tensor([1.0, float("inf"), 3.0]), keep, 2.0)
-        tensor([2., 0., 6.])
+    ``x`` (E, L) and ``out`` (G, E, L) contiguous, ``keep`` (G, E) bool; returns ``out``.
     """
-    if out is None:
-        out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-    integer = _INT_OF_SIZE[out.element_size()]
-    per_entry = _elements_per_entry(x, keep)
-    if per_entry is None or not (x.is_contiguous() and out.is_contiguous()):
-        torch.mul(x, scale, out=out)
-        out.view(integer).bitwise_and_(keep.to(integer))
-        return out
-    if per_entry >= _WHOLE_ROWS:
-        # Channel masks: one broadcast multiply, then the dropped rows (where an inf or
-        # NaN input left a NaN) are overwritten with exact zeros.
-        torch.mul(x, (keep != 0).to(x.dtype).mul_(scale), out=out)
-        dropped = torch.nonzero(keep.reshape(-1) == 0).flatten()
-        out.view(keep.numel(), per_entry).index_fill_(0, dropped, 0.0)
-        return out
-    # Piece by piece, each op below torch's parallel grain size (see _SERIAL), widening
-    # the byte mask into one small reused buffer: no full-size integer mask and no
-    # mixed-dtype AND (which converts through a full-size copy).
-    entries = keep.numel()
-    flat_x, flat_out = x.view(entries, per_entry), out.view(entries, per_entry)
-    flat_keep = keep.reshape(entries, 1)
-    step = max(1, _SERIAL // per_entry)
+    kernels = _fits_compiled(x)
+    if kernels is None:
+        torch.mul(x.expand_as(out), scale, out=out)
+        return out.masked_fill_(~keep.unsqueeze(-1), 0.0)
+    xs, keeps, outs = x.numpy(), keep.numpy(), out.numpy()
+    factor = xs.dtype.type(scale)
+    groups, entries, length = out.shape
+    if groups == 1 and length >= _ROW_LENGTH:  # channels: dropped rows are not read
 
-    wide = torch.empty(min(step, entries), 1, dtype=integer)
-    for start in range(0, entries, step):
-        part = flat_out[start : start + step]
-        torch.mul(flat_x[start : start + step], scale, out=part)
-        mask = wide[: part.shape[0]].copy_(flat_keep[start : start + step])
-        part.view(integer).bitwise_and_(mask)
+        def run(piece: slice) -> None:
+            kernels.scale_rows(xs[piece], keeps[0, piece], factor, outs[0, piece])
+
+        _in_threads(run, entries, out.numel())
+        return out
+    if length > 1:
+        xs, keeps, outs = xs.reshape(-1), np.repeat(keeps, length, axis=1), outs.reshape(groups, -1)
+    else:
+        xs, outs = xs.reshape(-1), outs.reshape(groups, -1)
+    if groups > 1:  # pieces of the groups
+
+        def run(piece: slice) -> None:
+            kernels.scale_elements(xs, keeps[piece], factor, outs[piece])
+
+        _in_threads(run, groups, out.numel())
+    else:  # pieces of the elements
+
+        def run(piece: slice) -> None:
+            kernels.scale_elements(xs[piece], keeps[:, piece], factor, outs[:, piece])
+
+        _in_threads(run, xs.size, out.numel())
     return out
+
+
+def _apply(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
+    """``x * scale`` where the flat ``keep`` is True, each entry covering equal runs of ``x``."""
+    source = x.contiguous()
+    out = source if inplace else torch.empty_like(source)
+    _masked_scale(source.view(keep.numel(), -1), keep.view(1, -1), scale, out.view(1, keep.numel(), -1))
+    return x.copy_(out) if inplace and out is not x else out
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -227,7 +206,7 @@ class _MaskedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
-        out = apply_keep_bytes(x, keep, scale, inplace)
+        out = _apply(x, keep, scale, inplace)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(keep)
@@ -240,10 +219,10 @@ class _MaskedScale(torch.autograd.Function):
         return _MaskedScale.apply(grad, keep, ctx.scale, False), None, None, None
 
 
-def _masked_scale(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
+def _masked(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaskedScale.apply(x, keep, scale, inplace)
-    return apply_keep_bytes(x, keep, scale, inplace)
+    return _apply(x, keep, scale, inplace)
 
 
 def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -255,8 +234,7 @@ def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
         >>> bool(((y == 0) | (y == 4)).all())
         True
     """
-    keep = keep_bytes(x.numel(), p).view(x.shape)
-    return _masked_scale(x, keep, scale, inplace)
+    return _masked(x, keep_mask(x.numel(), p), scale, inplace)
 
 
 def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -267,15 +245,47 @@ def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) ->
         >>> bool((y.amax(dim=2) == y.amin(dim=2)).all())
         True
     """
-    keep = keep_bytes(x.shape[0] * x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
-    return _masked_scale(x, keep, scale, inplace)
+    return _masked(x, keep_mask(x.shape[0] * x.shape[1], p), scale, inplace)
 
 
-def _mask_groups(weight: Tensor, keep: Tensor, scale: float) -> Tensor:
-    masked = weight.new_empty(keep.shape)
-    for group in range(keep.shape[0]):
-        apply_keep_bytes(weight, keep[group], scale, out=masked[group])
-    return masked
+class _GaussianNoise(torch.autograd.Function):
+    """``x * (1 + sigma * eps)`` in one pass after the draw; backward multiplies by the noise."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sigma: float) -> Tensor:
+        source = x.contiguous()
+        noise = torch.randn_like(source)
+        kernels = _fits_compiled(x)
+        if kernels is None:
+            out = source * noise.mul_(sigma).add_(1.0)
+        else:
+            out = torch.empty_like(source)
+            xs, noises, outs = source.view(-1).numpy(), noise.view(-1).numpy(), out.view(-1).numpy()
+            factor = noises.dtype.type(sigma)
+
+            def run(piece: slice) -> None:
+                kernels.noise_product(xs[piece], noises[piece], factor, outs[piece])
+
+            _in_threads(run, xs.size, xs.size)
+        ctx.save_for_backward(noise)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (noise,) = ctx.saved_tensors
+        return grad * noise, None
+
+
+def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
+    """``x * (1 + sigma * eps)``, eps ~ N(0, 1) from ``torch.randn``: the reference's values.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> y = gaussian_dropout(torch.ones(100_000), 1.0)
+        >>> round(y.mean().item(), 1), round(y.std().item(), 1)
+        (1.0, 1.0)
+    """
+    return _GaussianNoise.apply(x, sigma)
 
 
 class _GroupMaskedWeights(torch.autograd.Function):
@@ -283,31 +293,41 @@ class _GroupMaskedWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
-        masked = _mask_groups(weight, keep, scale)
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return masked
+        return _group_masked(weight, keep, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (keep,) = ctx.saved_tensors
+        total = torch.zeros(grad.shape[1:], dtype=grad.dtype)
+        kernels = _fits_compiled(grad)
         # One group at a time: a contiguous copy of all of ``grad`` (often a transposed
         # view from the matmul) would cost as much memory as the chunk's masked weights.
-        total = torch.zeros(keep.shape[1:], dtype=grad.dtype)
         buffer = torch.empty_like(total)
         flat_total, flat_buffer = total.view(-1), buffer.view(-1)
         for group in range(keep.shape[0]):
             buffer.copy_(grad[group])
-            apply_keep_bytes(buffer, keep[group], ctx.scale, inplace=True)
-            for start in range(0, flat_total.numel(), _SERIAL):
-                flat_total[start : start + _SERIAL].add_(flat_buffer[start : start + _SERIAL])
+            kept = keep[group : group + 1]
+            if kernels is None:
+                _masked_scale(flat_buffer[:, None], kept, ctx.scale, flat_buffer[None, :, None])
+                total.add_(buffer)
+            else:
+                factor = flat_buffer.numpy().dtype.type(ctx.scale)
+                kernels.sum_masked(flat_buffer[None].numpy(), kept.numpy(), factor, flat_total.numpy())
         return total, None, None
+
+
+def _group_masked(weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+    masked = weight.new_empty(keep.shape[0], *weight.shape)
+    _masked_scale(weight.reshape(-1, 1), keep, scale, masked.view(*keep.shape, 1))
+    return masked
 
 
 def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:
     """``groups`` independent DropConnect copies of a CPU ``weight`` (inverted scaling).
 
-    Differentiable with respect to ``weight``; the masks (one byte a weight) are drawn
+    Differentiable with respect to ``weight``; the masks (one bool a weight) are drawn
     from ``generator`` and are all that backward keeps.
 
     Example:
@@ -316,8 +336,8 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
         >>> w.shape, sorted(w.unique().tolist())
         (torch.Size([2, 3, 4]), [0.0, 2.0])
     """
-    keep = keep_bytes(groups * weight.numel(), p, generator).view(groups, *weight.shape)
+    keep = keep_mask(groups * weight.numel(), p, generator).view(groups, -1)
     scale = 1.0 / (1.0 - p)
     if torch.is_grad_enabled() and weight.requires_grad:
         return _GroupMaskedWeights.apply(weight.contiguous(), keep, scale)
-    return _mask_groups(weight.contiguous(), keep, scale)
+    return _group_masked(weight.contiguous(), keep, scale)
