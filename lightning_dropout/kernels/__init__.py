@@ -30,6 +30,7 @@ __all__ = [
     "fast_drop_connect_linear",
     "gaussian_dropout",
     "gaussian_dropout_with_p_tensor",
+    "group_masked_linear",
     "group_masked_weights",
 ]
 
@@ -155,6 +156,15 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
     if weight.device.type == "cpu":
         return cpu.group_masked_weights(weight, groups, p, generator)
     return reference.group_masked_weights(weight, groups, p, generator)
+
+
+def group_masked_linear(x: Tensor, weight: Tensor, p: float, generator: torch.Generator) -> Tensor | None:
+    """``x[g] @ (weight * mask_g).T / (1 - p)`` for each group ``g`` of ``x`` (G, R, in)
+    without materialising the masked weights, or None where no such kernel exists (the
+    caller then multiplies :func:`group_masked_weights`). Masks as that function draws them."""
+    if weight.device.type == "cpu":
+        return cpu.group_masked_linear(x, weight, p, generator)
+    return None
 
 
 # The Triton DropConnect op regenerates a group's mask for every row of the group, on CUDA

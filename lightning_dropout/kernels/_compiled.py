@@ -13,6 +13,15 @@ import numba
 import numpy as np
 
 _jit = numba.njit(nogil=True, cache=True)
+# Byte k of entry b is bit k of b: one byte's bits spread over eight bools.
+_SPREAD = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], np.uint64)
+
+
+@_jit
+def spread_bits(bits: np.ndarray, out: np.ndarray) -> None:
+    """``out[j]`` (uint64): the bits of byte ``bits[j]`` as eight 0 / 1 bytes, lowest first."""
+    for j in range(bits.size):
+        out[j] = _SPREAD[bits[j]]
 
 
 @_jit
@@ -50,3 +59,54 @@ def noise_product(x: np.ndarray, noise: np.ndarray, sigma: np.floating[Any], out
     for i in range(x.size):
         noise[i] = sigma * noise[i] + 1
         out[i] = x[i] * noise[i]
+
+
+# Reassociation lets the sums use vector lanes; no flag that assumes finite values.
+_sum_jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+
+
+@_sum_jit
+def masked_linear(
+    x: np.ndarray,
+    weight: np.ndarray,
+    keep: np.ndarray,
+    scale: np.floating[Any],
+    out: np.ndarray,
+    start: int,
+    stop: int,
+) -> None:
+    """``out[g, r, o] = scale * sum_i x[g, r, i] * weight[o, i]`` over ``keep[g, o, i]``, for
+    the weight rows ``start <= o < stop``, one at a time for every sample (it stays in cache).
+    """
+    zero = scale - scale
+    for o in range(start, stop):
+        for g in range(x.shape[0]):
+            for r in range(x.shape[1]):
+                total = zero
+                for i in range(x.shape[2]):
+                    total += x[g, r, i] * weight[o, i] if keep[g, o, i] else zero
+                out[g, r, o] = total * scale
+
+
+@_sum_jit
+def masked_linear_backward(
+    x: np.ndarray,
+    weight: np.ndarray,
+    keep: np.ndarray,
+    scale: np.floating[Any],
+    grad: np.ndarray,
+    grad_x: np.ndarray,
+    grad_weight: np.ndarray,
+    start: int,
+    stop: int,
+) -> None:
+    """Add the gradients of :func:`masked_linear` (rows ``start`` to ``stop``) to the grads."""
+    zero = scale - scale
+    for o in range(start, stop):
+        for g in range(x.shape[0]):
+            for r in range(x.shape[1]):
+                d = grad[g, r, o] * scale
+                for i in range(x.shape[2]):
+                    kept = keep[g, o, i]
+                    grad_x[g, r, i] += d * weight[o, i] if kept else zero
+                    grad_weight[o, i] += d * x[g, r, i] if kept else zero

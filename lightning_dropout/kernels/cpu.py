@@ -9,8 +9,8 @@ iff ``U < p``, where ``U = 0.u1 u2 ...`` (base 256) is uniform on [0, 1) and
 byte decides unless ``u1 == p1`` (probability 1/256, never when ``p`` is a multiple of
 1/256); only those ties draw further bytes, until the tie is gone or the expansion ends
 (then ``U >= p``: kept). So every element is dropped independently with probability
-exactly ``p``. The mask is one bool an element (or channel), kept for backward as
-torch keeps its own.
+exactly ``p``. ``p = 0.5`` takes one random bit a decision instead of a byte. The mask is
+one bool an element (or channel), kept for backward as torch keeps its own.
 
 Applying. With numba, one compiled pass (:mod:`._compiled`) writes ``x * scale`` on kept
 entries and +0.0 on dropped ones without reading them, so a dropped inf or NaN gives an
@@ -93,6 +93,21 @@ def compiled() -> ModuleType | None:
             _compiled.scale_rows(x[:, None], keep[0], dtype(2), np.empty((2, 1), dtype))
             _compiled.sum_masked(x[None], keep, dtype(2), np.zeros(2, dtype))
             _compiled.noise_product(x, x.copy(), dtype(2), np.empty(2, dtype))
+            _compiled.masked_linear(
+                x[None, None], x[None], keep[None], dtype(2), np.empty((1, 1, 1), dtype), 0, 1
+            )
+            _compiled.masked_linear_backward(
+                x[None, None],
+                x[None],
+                keep[None],
+                dtype(2),
+                x[None, None, :1],
+                x[None, None].copy(),
+                x[None].copy(),
+                0,
+                1,
+            )
+        _compiled.spread_bits(np.zeros(1, np.uint8), np.empty(1, np.uint64))
     except Exception as error:  # a numba that cannot compile here: torch ops instead
         warnings.warn(f"numba kernels unavailable, using torch ops: {error!r}", RuntimeWarning, stacklevel=2)
         return None
@@ -140,6 +155,14 @@ def keep_mask(numel: int, p: float, generator: torch.Generator | None = None) ->
         >>> round(keep_mask(1_000_000, 0.3).float().mean().item(), 2)
         0.7
     """
+    if p == 0.5:  # one random bit a decision: a set bit keeps
+        words = torch.empty(-(-numel // 64), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
+        draws, kernels = words.numpy().view(np.uint8), compiled()
+        if kernels is None:
+            return torch.from_numpy(np.unpackbits(draws, count=numel, bitorder="little").view(np.bool_))
+        spread = torch.empty(draws.size, dtype=torch.int64)
+        kernels.spread_bits(draws, spread.numpy().view(np.uint64))
+        return spread.view(torch.bool)[:numel]
     digits = probability_digits(p)
     words = torch.empty(-(-numel // 8), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
     draws = words.view(torch.uint8)[:numel]
@@ -341,3 +364,64 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
     if torch.is_grad_enabled() and weight.requires_grad:
         return _GroupMaskedWeights.apply(weight.contiguous(), keep, scale)
     return _group_masked(weight.contiguous(), keep, scale)
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """Per-group masked ``x @ weight.T``: x (G, R, I), weight (O, I), keep (G, O, I)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+        kernels = compiled()
+        assert kernels is not None
+        out = x.new_empty(*x.shape[:2], weight.shape[0])
+        xs, weights, keeps, outs = x.numpy(), weight.numpy(), keep.numpy(), out.numpy()
+        factor = xs.dtype.type(scale)
+
+        def run(piece: slice) -> None:  # pieces of the weight's rows
+            kernels.masked_linear(xs, weights, keeps, factor, outs, piece.start, piece.stop)
+
+        _in_threads(run, weight.shape[0], keep.numel())
+        ctx.save_for_backward(x, weight, keep)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # type: ignore[misc]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        kernels = compiled()
+        assert kernels is not None
+        x, weight, keep = ctx.saved_tensors
+        xs, weights, keeps, grads = x.numpy(), weight.numpy(), keep.numpy(), grad.contiguous().numpy()
+        factor = xs.dtype.type(ctx.scale)
+        grad_weight = torch.zeros_like(weight)
+        grad_xs: list[Tensor] = []  # one per piece: every row of the weight adds to all of x
+
+        def run(piece: slice) -> None:
+            grad_x = torch.zeros_like(x)
+            grad_xs.append(grad_x)
+            grad_xs_, grad_weights = grad_x.numpy(), grad_weight.numpy()
+            kernels.masked_linear_backward(
+                xs, weights, keeps, factor, grads, grad_xs_, grad_weights, piece.start, piece.stop
+            )
+
+        _in_threads(run, weight.shape[0], keep.numel())
+        return sum(grad_xs[1:], grad_xs[0]), grad_weight, None, None
+
+
+def group_masked_linear(x: Tensor, weight: Tensor, p: float, generator: torch.Generator) -> Tensor | None:
+    """``x[g] @ (weight * mask_g).T / (1 - p)`` per group ``g`` of x (G, R, in), or None.
+
+    The masks are those of :func:`group_masked_weights` with the same ``generator``, but
+    never multiplied out: one bool a weight and group is all this keeps, and each weight row
+    meets every sample while in cache. None where the numba kernels do not apply (float32
+    and float64 only): then mask the weights and multiply.
+
+    Example:
+        >>> y = group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, torch.Generator())
+        >>> y is None or y.shape == (2, 1, 4)
+        True
+    """
+    if _fits_compiled(x) is None or weight.dtype != x.dtype:
+        return None
+    keep = keep_mask(x.shape[0] * weight.numel(), p, generator).view(x.shape[0], *weight.shape)
+    return _MaskedLinear.apply(x.contiguous(), weight.contiguous(), keep, 1.0 / (1.0 - p))

@@ -109,9 +109,15 @@ def _masked_group_product(
     p: float,
     seed: int,
     product: GroupedProduct,
+    linear: bool,
 ) -> Tensor:
     generator = torch.Generator(device=weight.device)
     generator.manual_seed(seed)
+    if linear:
+        out = kernels.group_masked_linear(x.reshape(x.shape[0], -1, x.shape[-1]), weight, p, generator)
+        if out is not None:
+            out = out.reshape(*x.shape[:-1], weight.shape[0])
+            return out if bias is None else out + bias
     return product(x, kernels.group_masked_weights(weight, x.shape[0], p, generator), bias)
 
 
@@ -123,6 +129,7 @@ def grouped_drop_connect(
     groups: int,
     product: GroupedProduct,
     max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
+    linear: bool = False,
 ) -> Tensor:
     """Apply ``product`` with an independent weight mask per group of the batch.
 
@@ -130,7 +137,8 @@ def grouped_drop_connect(
     ``groups == len(x)`` is per-sample DropConnect. Groups are processed in chunks whose
     masked weights take at most ``max_mask_bytes`` (at least one group per chunk); under
     autograd each chunk is checkpointed, so backward regenerates its mask from a seed
-    rather than keeping every chunk's masked weights alive.
+    rather than keeping every chunk's masked weights alive. ``linear``: ``product`` is
+    ``F.linear``'s, which a kernel may compute from the masks alone (one byte a weight).
 
     Raises:
         ValueError: the batch size is not a multiple of ``groups``.
@@ -146,7 +154,7 @@ def grouped_drop_connect(
     outputs = []
     for start in range(0, groups, chunk):
         part = grouped[start : start + chunk]
-        args = (part, weight, bias, p, _draw_seed(), product)
+        args = (part, weight, bias, p, _draw_seed(), product, linear)
         if track:
             out = checkpoint(_masked_group_product, *args, use_reentrant=False, preserve_rng_state=False)
         else:
@@ -220,17 +228,25 @@ class DropConnectLayer(DropProbability):
         if self.p == 1.0:
             return self._all_dropped(x)
         groups = self.mask_groups
+        linear = isinstance(self, nn.Linear)
         if self.per_sample:
             unbatched = x.dim() == self._unbatched_dims()
             if unbatched:
                 x = x.unsqueeze(0)
             out = grouped_drop_connect(
-                x, self.weight, self.bias, self.p, x.shape[0], self._grouped_product, self.max_mask_bytes
+                x,
+                self.weight,
+                self.bias,
+                self.p,
+                x.shape[0],
+                self._grouped_product,
+                self.max_mask_bytes,
+                linear,
             )
             return self._activation(out.squeeze(0) if unbatched else out)
         if groups > 1:
             out = grouped_drop_connect(
-                x, self.weight, self.bias, self.p, groups, self._grouped_product, self.max_mask_bytes
+                x, self.weight, self.bias, self.p, groups, self._grouped_product, self.max_mask_bytes, linear
             )
             return self._activation(out)
         return self._activation(self._product(x, drop_connect(self.weight, self.p), self.bias))

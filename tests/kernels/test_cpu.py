@@ -192,7 +192,7 @@ def _dropout_everywhere(seed: int) -> list[torch.Tensor]:
     """Outputs and gradients of every CPU-path function on awkward inputs, from one seed."""
     torch.manual_seed(seed)
     results = []
-    for numel, p in [(1, 0.3), (7, 0.5), (9, 0.1), (4097, 1 / 3), (100_003, 0.5 + 2**-12)]:
+    for numel, p in [(1, 0.3), (7, 0.5), (9, 0.1), (4097, 1 / 3), (70_001, 0.5), (100_003, 0.5 + 2**-12)]:
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             x = torch.randn(numel, dtype=dtype, requires_grad=True)
             y = cpu.dropout(x, p, 1 / (1 - p))
@@ -273,3 +273,22 @@ def test_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: pytest.M
         monkeypatch.undo()
         cpu.compiled.cache_clear()
     assert cpu.compiled() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_masked_linear_multiplies_by_the_group_masks(dtype: torch.dtype) -> None:
+    if cpu.compiled() is None:
+        assert cpu.group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, torch.Generator()) is None
+        return
+    x = torch.randn(4, 3, 256, dtype=dtype, requires_grad=True)  # 4 groups of 3 rows
+    weight = torch.randn(256, 256, dtype=dtype, requires_grad=True)  # 2^18 masks: threads
+    y = cpu.group_masked_linear(x, weight, 0.3, torch.Generator().manual_seed(6))
+    masked = cpu.group_masked_weights(weight, 4, 0.3, torch.Generator().manual_seed(6))
+    expected = torch.bmm(x, masked.transpose(1, 2))
+    assert y is not None and y.dtype == dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, expected, **tolerance)
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight), upstream)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, weight), upstream), strict=True):
+        torch.testing.assert_close(got, want, **tolerance)

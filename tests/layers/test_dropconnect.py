@@ -11,8 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dropout import DropConnectConv1d, DropConnectConv2d, DropConnectConv3d, DropConnectLinear
+from lightning_dropout import (
+    DropConnectConv1d,
+    DropConnectConv2d,
+    DropConnectConv3d,
+    DropConnectLinear,
+    kernels,
+)
 from lightning_dropout.layers import drop_connect
+
+
+@pytest.fixture
+def materialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-sample linear layers mask their weights and multiply, as convolutions do (the
+    CPU kernel that multiplies by the masks without materialising them is switched off)."""
+    monkeypatch.setattr(kernels, "group_masked_linear", lambda *args: None)
 
 
 def test_drop_connect_weight_values_and_rate() -> None:
@@ -106,7 +119,7 @@ def test_gradcheck_with_fixed_masks(per_sample: bool) -> None:
     assert torch.autograd.gradcheck(fixed_masks, (x, w))
 
 
-def test_per_sample_memory_is_bounded_by_chunks() -> None:
+def test_per_sample_memory_is_bounded_by_chunks(materialised: None) -> None:
     # 64 samples of a 256 x 256 float32 weight (256 KiB each) under a 1 MiB budget: at
     # most 4 samples' masks at once, so 16 chunks, each checkpointed.
     layer = DropConnectLinear(256, 256, per_sample=True, max_mask_bytes=2**20)
@@ -124,7 +137,7 @@ def test_per_sample_memory_is_bounded_by_chunks() -> None:
     assert sum(calls) == 2 * 64  # every chunk recomputed once in backward
 
 
-def test_per_sample_backward_regenerates_the_forward_masks() -> None:
+def test_per_sample_backward_regenerates_the_forward_masks(materialised: None) -> None:
     layer = DropConnectLinear(4, 3, p=0.5, per_sample=True, max_mask_bytes=1).double()
     seen: list[torch.Tensor] = []
     original = layer._grouped_product
@@ -148,6 +161,34 @@ def test_per_sample_backward_regenerates_the_forward_masks() -> None:
     scaled_masks = masked / layer.weight.detach()
     expected = torch.einsum("bo,bi,boi->oi", upstream, x.detach(), scaled_masks)
     torch.testing.assert_close(layer.weight.grad, expected)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+@pytest.mark.parametrize("shape", [(6, 20), (6, 3, 20)])
+def test_per_sample_linear_kernel_equals_masked_weights(
+    monkeypatch: pytest.MonkeyPatch, p: float, shape: tuple[int, ...]
+) -> None:
+    layer = DropConnectLinear(20, 7, p=p, per_sample=True, max_mask_bytes=2 * 20 * 7 * 8).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 7, dtype=torch.float64)
+    results = []
+    calls: list[torch.Tensor | None] = []
+    original = kernels.group_masked_linear
+    monkeypatch.setattr(
+        kernels, "group_masked_linear", lambda *args: calls.append(original(*args)) or calls[-1]
+    )
+    for fused in (True, False):
+        if not fused:
+            assert calls and all(out is not None for out in calls)  # the kernel ran (3 chunks)
+            monkeypatch.setattr(kernels, "group_masked_linear", lambda *args: None)
+        torch.manual_seed(8)
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.backward(upstream)
+        results.append((y, x.grad, layer.weight.grad, layer.bias.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_gaussian_inference_moments_match_training() -> None:
