@@ -130,15 +130,19 @@ def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
         thread.join()
 
 
+def _random_bytes(count: int, generator: torch.Generator | None) -> np.ndarray:
+    """``count`` uniform bytes: the bytes of 64-bit words from torch's ``random_``."""
+    words = torch.empty(-(-count // 8), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
+    return words.numpy().view(np.uint8)[:count]
+
+
 def _resolve_ties(positions: np.ndarray, digits: bytes, generator: torch.Generator | None) -> np.ndarray:
     """Of the elements tied on the first digit, the positions of those kept (``U >= p``)."""
     kept = []
     for digit in digits[1:]:
         if positions.size == 0:
             break
-        words = torch.empty(-(-positions.size // 8), dtype=torch.int64)
-        draws = words.random_(_MIN_INT64, None, generator=generator).numpy().view(np.uint8)
-        draws = draws[: positions.size]
+        draws = _random_bytes(positions.size, generator)
         kept.append(positions[draws > digit])
         positions = positions[draws == digit]
     kept.append(positions)  # still tied when p's expansion ends: U >= p
@@ -156,23 +160,21 @@ def keep_mask(numel: int, p: float, generator: torch.Generator | None = None) ->
         0.7
     """
     if p == 0.5:  # one random bit a decision: a set bit keeps
-        words = torch.empty(-(-numel // 64), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
-        draws, kernels = words.numpy().view(np.uint8), compiled()
+        draws, kernels = _random_bytes(-(-numel // 8), generator), compiled()
         if kernels is None:
             return torch.from_numpy(np.unpackbits(draws, count=numel, bitorder="little").view(np.bool_))
         spread = torch.empty(draws.size, dtype=torch.int64)
         kernels.spread_bits(draws, spread.numpy().view(np.uint64))
         return spread.view(torch.bool)[:numel]
     digits = probability_digits(p)
-    words = torch.empty(-(-numel // 8), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
-    draws = words.view(torch.uint8)[:numel]
+    draws = _random_bytes(numel, generator)
     # p = d / 256 exactly: keep iff u1 >= d, never a tie. Otherwise keep iff u1 > d.
     on_grid = len(digits) == 1
     keep_above = digits[0] - 1 if on_grid else digits[0]
     keep = torch.empty(numel, dtype=torch.bool)
     # numpy: one thread, so a busy host does not stall it; this pass costs 0.1 ns a byte.
-    np.greater(draws.numpy(), keep_above, out=keep.numpy())
-    ties = np.empty(0, np.int64) if on_grid else np.flatnonzero(draws.numpy() == keep_above)
+    np.greater(draws, keep_above, out=keep.numpy())
+    ties = np.empty(0, np.int64) if on_grid else np.flatnonzero(draws == keep_above)
     if ties.size:
         keep.numpy()[_resolve_ties(ties, digits, generator)] = True
     return keep
@@ -386,7 +388,7 @@ class _MaskedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # type: ignore[misc]
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         kernels = compiled()
         assert kernels is not None
