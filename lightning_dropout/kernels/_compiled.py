@@ -45,15 +45,6 @@ def scale_rows(x: np.ndarray, keep: np.ndarray, scale: np.floating[Any], out: np
 
 
 @_jit
-def sum_masked(grad: np.ndarray, keep: np.ndarray, scale: np.floating[Any], total: np.ndarray) -> None:
-    """``total[e] += grad[g, e] * scale`` over the groups ``g`` where ``keep[g, e]``."""
-    for g in range(keep.shape[0]):
-        for e in range(keep.shape[1]):
-            if keep[g, e]:
-                total[e] += grad[g, e] * scale
-
-
-@_jit
 def noise_product(x: np.ndarray, noise: np.ndarray, sigma: np.floating[Any], out: np.ndarray) -> None:
     """``noise = 1 + sigma * noise`` in place, and ``out = x * noise``."""
     for i in range(x.size):

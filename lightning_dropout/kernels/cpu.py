@@ -23,6 +23,7 @@ measured at ten times their idle time.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import itertools
 import os
@@ -91,7 +92,6 @@ def compiled() -> ModuleType | None:
             x, keep = np.ones(2, dtype), np.ones((1, 2), np.bool_)
             _compiled.scale_elements(x, keep, dtype(2), np.empty((1, 2), dtype))
             _compiled.scale_rows(x[:, None], keep[0], dtype(2), np.empty((2, 1), dtype))
-            _compiled.sum_masked(x[None], keep, dtype(2), np.zeros(2, dtype))
             _compiled.noise_product(x, x.copy(), dtype(2), np.empty(2, dtype))
             _compiled.masked_linear(
                 x[None, None], x[None], keep[None], dtype(2), np.empty((1, 1, 1), dtype), 0, 1
@@ -119,15 +119,34 @@ def _fits_compiled(x: Tensor) -> ModuleType | None:
 
 
 def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
-    """``run(piece)`` over slices covering ``range(count)``, one per thread for large work."""
-    pieces = 1 if numel < _PARALLEL_NUMEL else max(1, min(torch.get_num_threads(), count))
+    """``run(piece)`` over slices covering ``range(count)``, shared out among threads.
+
+    The calling thread works through the pieces with ``torch.get_num_threads() - 1``
+    helpers, each claiming the next piece when free. A helper that the OS does not
+    schedule soon (the other cores busy) claims nothing: the caller then does the work
+    alone and waits only for pieces already under way.
+    """
+    threads = torch.get_num_threads()
+    pieces = 1 if numel < _PARALLEL_NUMEL or threads < 2 else min(count, 4 * threads)
     bounds = [count * k // pieces for k in range(pieces + 1)]
-    threads = [threading.Thread(target=run, args=(slice(a, b),)) for a, b in itertools.pairwise(bounds[1:])]
-    for thread in threads:
-        thread.start()
-    run(slice(bounds[0], bounds[1]))
-    for thread in threads:
-        thread.join()
+    claims = itertools.count()
+    finished = threading.Semaphore(0)
+    jobs = [run]  # emptied at the end: a helper scheduled late holds no tensor alive
+
+    def work() -> None:
+        while (piece := next(claims)) < pieces:
+            try:
+                jobs[0](slice(bounds[piece], bounds[piece + 1]))
+            finally:
+                finished.release()
+
+    for _ in range(min(threads, pieces) - 1):
+        # Not threading.Thread: its start() waits until the OS runs the new thread.
+        _thread.start_new_thread(work, ())
+    work()
+    for _ in range(pieces):
+        finished.acquire()
+    jobs.clear()
 
 
 def _random_bytes(count: int, generator: torch.Generator | None) -> np.ndarray:
@@ -326,20 +345,13 @@ class _GroupMaskedWeights(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (keep,) = ctx.saved_tensors
         total = torch.zeros(grad.shape[1:], dtype=grad.dtype)
-        kernels = _fits_compiled(grad)
         # One group at a time: a contiguous copy of all of ``grad`` (often a transposed
         # view from the matmul) would cost as much memory as the chunk's masked weights.
         buffer = torch.empty_like(total)
-        flat_total, flat_buffer = total.view(-1), buffer.view(-1)
+        flat = buffer.view(-1, 1)
         for group in range(keep.shape[0]):
             buffer.copy_(grad[group])
-            kept = keep[group : group + 1]
-            if kernels is None:
-                _masked_scale(flat_buffer[:, None], kept, ctx.scale, flat_buffer[None, :, None])
-                total.add_(buffer)
-            else:
-                factor = flat_buffer.numpy().dtype.type(ctx.scale)
-                kernels.sum_masked(flat_buffer[None].numpy(), kept.numpy(), factor, flat_total.numpy())
+            total.add_(_masked_scale(flat, keep[group : group + 1], ctx.scale, flat[None]).view_as(total))
         return total, None, None
 
 
