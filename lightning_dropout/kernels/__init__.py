@@ -71,13 +71,16 @@ def _on_triton(x: Tensor, p: float, scale: float, inplace: bool) -> bool:
     )
 
 
-# Below this many elements the CPU path's fixed cost (a dozen small ops) exceeds what it
-# saves over bernoulli_ and torch.where.
+# Below these many elements the CPU path's fixed cost (about 20 us a call, forward and
+# backward, for masks, threads and an autograd Function in Python) exceeds what it saves
+# over the reference path; measured on 2 cores (docs/performance.md).
 CPU_MIN_NUMEL = 4096
+CPU_MIN_NUMEL_CHANNELS = 32768
+CPU_MIN_NUMEL_GAUSSIAN = 131072
 
 
-def _cpu_fast(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() >= CPU_MIN_NUMEL
+def _cpu_fast(x: Tensor, min_numel: int | None = None) -> bool:
+    return x.device.type == "cpu" and x.numel() >= (CPU_MIN_NUMEL if min_numel is None else min_numel)
 
 
 def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -93,7 +96,7 @@ def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) ->
     """Keep each (sample, channel) of a batched (N, C, *spatial) input w.p. ``1 - p``."""
     if triton_kernels is not None and _on_triton(x, p, scale, inplace):
         return triton_kernels.channel_dropout(x, p, inverted=scale != 1.0)
-    if _cpu_fast(x):
+    if _cpu_fast(x, CPU_MIN_NUMEL_CHANNELS):
         return cpu.channel_dropout(x, p, scale, inplace)
     return reference.channel_dropout(x, p, scale, inplace)
 
@@ -102,7 +105,7 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     """Multiply ``x`` elementwise by independent N(1, sigma^2) noise."""
     if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
         return triton_kernels.gaussian_dropout(x, sigma)
-    if _cpu_fast(x):
+    if _cpu_fast(x, CPU_MIN_NUMEL_GAUSSIAN):
         return cpu.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
 

@@ -128,6 +128,8 @@ def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
     """
     threads = torch.get_num_threads()
     pieces = 1 if numel < _PARALLEL_NUMEL or threads < 2 else min(count, 4 * threads)
+    if pieces == 1:
+        return run(slice(0, count))
     bounds = [count * k // pieces for k in range(pieces + 1)]
     claims = itertools.count()
     finished = threading.Semaphore(0)

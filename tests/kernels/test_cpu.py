@@ -14,7 +14,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lightning_dropout import Dropout, Dropout1d, Dropout2d, Dropout3d, kernels
+from lightning_dropout import Dropout, Dropout1d, Dropout2d, Dropout3d, GaussianDropout, kernels
 from lightning_dropout.kernels import cpu, reference
 
 SIGMAS = 5.0
@@ -148,11 +148,18 @@ def test_channels_kept_with_probability_one_minus_p(
 
 def test_the_layers_take_the_fast_path_for_large_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(cpu, "keep_mask", lambda *a, _f=cpu.keep_mask: calls.append("fast") or _f(*a))
+    monkeypatch.setattr(cpu, "keep_mask", lambda *a, _f=cpu.keep_mask: calls.append("mask") or _f(*a))
+    monkeypatch.setattr(
+        cpu, "gaussian_dropout", lambda *a, _f=cpu.gaussian_dropout: calls.append("gaussian") or _f(*a)
+    )
     Dropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL))
-    Dropout2d(0.5)(torch.ones(16, 16, 4, 4))
-    Dropout(0.5)(torch.ones(3, 5))
-    assert calls == ["fast", "fast"]
+    Dropout2d(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_CHANNELS // 64, 16, 2, 2))
+    GaussianDropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_GAUSSIAN))
+    assert calls == ["mask", "mask", "gaussian"]
+    Dropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL - 1))  # small inputs: the reference path
+    Dropout2d(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_CHANNELS // 64 - 1, 16, 2, 2))
+    GaussianDropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_GAUSSIAN - 1))
+    assert len(calls) == 3
 
 
 def test_slides_example_on_a_fast_path_tensor() -> None:
