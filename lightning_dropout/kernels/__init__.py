@@ -27,6 +27,7 @@ __all__ = [
     "channel_dropout",
     "dropout",
     "dropout_with_p_tensor",
+    "fits_group_masked_linear",
     "fast_drop_connect_linear",
     "gaussian_dropout",
     "gaussian_dropout_with_p_tensor",
@@ -161,12 +162,20 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
     return reference.group_masked_weights(weight, groups, p, generator)
 
 
-def group_masked_linear(x: Tensor, weight: Tensor, p: float, generator: torch.Generator) -> Tensor | None:
+def fits_group_masked_linear(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`group_masked_linear` has a kernel for these tensors (it keeps one
+    byte of mask a weight and group where :func:`group_masked_weights` keeps a weight)."""
+    return weight.device.type == "cpu" and cpu.fits_masked_linear(x, weight)
+
+
+def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor | None:
     """``x[g] @ (weight * mask_g).T / (1 - p)`` for each group ``g`` of ``x`` (G, R, in)
     without materialising the masked weights, or None where no such kernel exists (the
-    caller then multiplies :func:`group_masked_weights`). Masks as that function draws them."""
-    if weight.device.type == "cpu":
-        return cpu.group_masked_linear(x, weight, p, generator)
+    caller then multiplies :func:`group_masked_weights`). The groups form ``len(seeds)``
+    chunks, each masked as :func:`group_masked_weights` does from a generator seeded with
+    the chunk's seed; backward draws the masks again."""
+    if fits_group_masked_linear(x, weight):
+        return cpu.group_masked_linear(x, weight, p, seeds)
     return None
 
 

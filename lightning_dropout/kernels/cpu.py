@@ -29,7 +29,7 @@ import itertools
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -170,35 +170,39 @@ def _resolve_ties(positions: np.ndarray, digits: bytes, generator: torch.Generat
     return np.concatenate(kept)
 
 
-def keep_mask(numel: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+def keep_mask(
+    numel: int, p: float, generator: torch.Generator | None = None, out: np.ndarray | None = None
+) -> Tensor:
     """A flat bool mask of ``numel`` independent entries, each True w.p. exactly ``1 - p``.
 
     For ``0 < p < 1``; drawn from ``generator`` (torch's global CPU generator when None).
+    ``out``: a bool array of at least ``numel`` entries rounded up to a multiple of 8, to
+    write into instead of fresh memory.
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> round(keep_mask(1_000_000, 0.3).float().mean().item(), 2)
         0.7
     """
+    keep = np.empty(-(-numel // 8) * 8, np.bool_) if out is None else out
     if p == 0.5:  # one random bit a decision: a set bit keeps
         draws, kernels = _random_bytes(-(-numel // 8), generator), compiled()
         if kernels is None:
-            return torch.from_numpy(np.unpackbits(draws, count=numel, bitorder="little").view(np.bool_))
-        spread = torch.empty(draws.size, dtype=torch.int64)
-        kernels.spread_bits(draws, spread.numpy().view(np.uint64))
-        return spread.view(torch.bool)[:numel]
+            keep[:numel] = np.unpackbits(draws, count=numel, bitorder="little")
+        else:
+            kernels.spread_bits(draws, keep[: draws.size * 8].view(np.uint64))
+        return torch.from_numpy(keep[:numel])
     digits = probability_digits(p)
     draws = _random_bytes(numel, generator)
     # p = d / 256 exactly: keep iff u1 >= d, never a tie. Otherwise keep iff u1 > d.
     on_grid = len(digits) == 1
     keep_above = digits[0] - 1 if on_grid else digits[0]
-    keep = torch.empty(numel, dtype=torch.bool)
     # numpy: one thread, so a busy host does not stall it; this pass costs 0.1 ns a byte.
-    np.greater(draws, keep_above, out=keep.numpy())
+    np.greater(draws, keep_above, out=keep[:numel])
     ties = np.empty(0, np.int64) if on_grid else np.flatnonzero(draws == keep_above)
     if ties.size:
-        keep.numpy()[_resolve_ties(ties, digits, generator)] = True
-    return keep
+        keep[_resolve_ties(ties, digits, generator)] = True
+    return torch.from_numpy(keep[:numel])
 
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
@@ -382,23 +386,39 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
     return _group_masked(weight.contiguous(), keep, scale)
 
 
+def _chunk_masks(
+    weight: Tensor, p: float, seeds: list[int], groups: int
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """Each chunk of groups with its masks (G, O, I), drawn from a generator seeded for it
+    into one buffer that every chunk reuses (fresh memory costs page faults)."""
+    chunk = -(-groups // len(seeds))
+    buffer = np.empty(-(-chunk * weight.numel() // 8) * 8, np.bool_)
+    for index, seed in enumerate(seeds):
+        part = slice(index * chunk, min(groups, (index + 1) * chunk))
+        size = part.stop - part.start
+        keep = keep_mask(size * weight.numel(), p, torch.Generator().manual_seed(seed), buffer)
+        yield part, keep.view(size, *weight.shape).numpy()
+
+
 class _MaskedLinear(torch.autograd.Function):
-    """Per-group masked ``x @ weight.T``: x (G, R, I), weight (O, I), keep (G, O, I)."""
+    """Per-group masked ``x @ weight.T / (1 - p)``, x (G, R, I), in chunks of groups whose
+    masks come from the chunk's seed: drawn in forward, drawn again in backward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, keep: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor:
         kernels = compiled()
         assert kernels is not None
         out = x.new_empty(*x.shape[:2], weight.shape[0])
-        xs, weights, keeps, outs = x.numpy(), weight.numpy(), keep.numpy(), out.numpy()
-        factor = xs.dtype.type(scale)
+        xs, weights, outs = x.numpy(), weight.numpy(), out.numpy()
+        factor = xs.dtype.type(1.0 / (1.0 - p))
+        for part, keep in _chunk_masks(weight, p, seeds, x.shape[0]):
 
-        def run(piece: slice) -> None:  # pieces of the weight's rows
-            kernels.masked_linear(xs, weights, keeps, factor, outs, piece.start, piece.stop)
+            def run(rows: slice, part: slice = part, keep: np.ndarray = keep) -> None:
+                kernels.masked_linear(xs[part], weights, keep, factor, outs[part], rows.start, rows.stop)
 
-        _in_threads(run, weight.shape[0], keep.numel())
-        ctx.save_for_backward(x, weight, keep)
-        ctx.scale = scale
+            _in_threads(run, weight.shape[0], keep.size)
+        ctx.save_for_backward(x, weight)
+        ctx.p, ctx.seeds = p, seeds
         return out
 
     @staticmethod
@@ -406,38 +426,49 @@ class _MaskedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         kernels = compiled()
         assert kernels is not None
-        x, weight, keep = ctx.saved_tensors
-        xs, weights, keeps, grads = x.numpy(), weight.numpy(), keep.numpy(), grad.contiguous().numpy()
-        factor = xs.dtype.type(ctx.scale)
-        grad_weight = torch.zeros_like(weight)
-        grad_xs: list[Tensor] = []  # one per piece: every row of the weight adds to all of x
+        x, weight = ctx.saved_tensors
+        xs, weights, grads = x.numpy(), weight.numpy(), grad.contiguous().numpy()
+        factor = xs.dtype.type(1.0 / (1.0 - ctx.p))
+        # numpy, not torch: small ops that never wait for a second thread
+        grad_x, grad_weight = np.zeros_like(xs), np.zeros_like(weights)
+        for part, keep in _chunk_masks(weight, ctx.p, ctx.seeds, x.shape[0]):
+            partial: list[np.ndarray] = []  # one per piece: every weight row adds to all of x
 
-        def run(piece: slice) -> None:
-            grad_x = torch.zeros_like(x)
-            grad_xs.append(grad_x)
-            grad_xs_, grad_weights = grad_x.numpy(), grad_weight.numpy()
-            kernels.masked_linear_backward(
-                xs, weights, keeps, factor, grads, grad_xs_, grad_weights, piece.start, piece.stop
-            )
+            def run(
+                rows: slice, part: slice = part, keep: np.ndarray = keep, partial: list = partial
+            ) -> None:
+                into = np.zeros_like(xs[part])
+                partial.append(into)
+                kernels.masked_linear_backward(
+                    xs[part], weights, keep, factor, grads[part], into, grad_weight, rows.start, rows.stop
+                )
 
-        _in_threads(run, weight.shape[0], keep.numel())
-        return sum(grad_xs[1:], grad_xs[0]), grad_weight, None, None
+            _in_threads(run, weight.shape[0], keep.size)
+            for into in partial:
+                grad_x[part] += into
+        return torch.from_numpy(grad_x), torch.from_numpy(grad_weight), None, None
 
 
-def group_masked_linear(x: Tensor, weight: Tensor, p: float, generator: torch.Generator) -> Tensor | None:
+def fits_masked_linear(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`group_masked_linear` computes for these tensors (else it returns None)."""
+    return _fits_compiled(x) is not None and weight.dtype == x.dtype
+
+
+def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor | None:
     """``x[g] @ (weight * mask_g).T / (1 - p)`` per group ``g`` of x (G, R, in), or None.
 
-    The masks are those of :func:`group_masked_weights` with the same ``generator``, but
-    never multiplied out: one bool a weight and group is all this keeps, and each weight row
-    meets every sample while in cache. None where the numba kernels do not apply (float32
-    and float64 only): then mask the weights and multiply.
+    The groups are split into ``len(seeds)`` equal chunks (the last may be shorter); chunk
+    ``k``'s masks are those :func:`group_masked_weights` draws from a generator seeded with
+    ``seeds[k]``, but never multiplied out: only the chunk being computed holds them (one
+    bool a weight and group), backward draws them again, and each weight row meets every
+    sample of the chunk while in cache. None where the numba kernels do not apply (float32
+    and float64): then mask the weights and multiply.
 
     Example:
-        >>> y = group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, torch.Generator())
+        >>> y = group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, [7])
         >>> y is None or y.shape == (2, 1, 4)
         True
     """
-    if _fits_compiled(x) is None or weight.dtype != x.dtype:
+    if not fits_masked_linear(x, weight):
         return None
-    keep = keep_mask(x.shape[0] * weight.numel(), p, generator).view(x.shape[0], *weight.shape)
-    return _MaskedLinear.apply(x.contiguous(), weight.contiguous(), keep, 1.0 / (1.0 - p))
+    return _MaskedLinear.apply(x.contiguous(), weight.contiguous(), p, seeds)

@@ -109,15 +109,9 @@ def _masked_group_product(
     p: float,
     seed: int,
     product: GroupedProduct,
-    linear: bool,
 ) -> Tensor:
     generator = torch.Generator(device=weight.device)
     generator.manual_seed(seed)
-    if linear:
-        out = kernels.group_masked_linear(x.reshape(x.shape[0], -1, x.shape[-1]), weight, p, generator)
-        if out is not None:
-            out = out.reshape(*x.shape[:-1], weight.shape[0])
-            return out if bias is None else out + bias
     return product(x, kernels.group_masked_weights(weight, x.shape[0], p, generator), bias)
 
 
@@ -150,11 +144,19 @@ def grouped_drop_connect(
         raise ValueError(f"batch size {batch} is not a multiple of mask groups {groups}")
     grouped = x.reshape(groups, batch // groups, *x.shape[1:])
     chunk = max(1, max_mask_bytes // max(1, weight.numel() * weight.element_size()))
+    if linear and kernels.fits_group_masked_linear(
+        x, weight
+    ):  # one call: it redraws each chunk's masks in backward itself
+        seeds = [_draw_seed() for _ in range(0, groups, chunk)]
+        out = kernels.group_masked_linear(grouped.reshape(groups, -1, x.shape[-1]), weight, p, seeds)
+        assert out is not None
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
+        return out if bias is None else out + bias
     track = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     outputs = []
     for start in range(0, groups, chunk):
         part = grouped[start : start + chunk]
-        args = (part, weight, bias, p, _draw_seed(), product, linear)
+        args = (part, weight, bias, p, _draw_seed(), product)
         if track:
             out = checkpoint(_masked_group_product, *args, use_reentrant=False, preserve_rng_state=False)
         else:

@@ -285,12 +285,14 @@ def test_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: pytest.M
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_group_masked_linear_multiplies_by_the_group_masks(dtype: torch.dtype) -> None:
     if cpu.compiled() is None:
-        assert cpu.group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, torch.Generator()) is None
+        assert cpu.group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, [1]) is None
         return
-    x = torch.randn(4, 3, 256, dtype=dtype, requires_grad=True)  # 4 groups of 3 rows
-    weight = torch.randn(256, 256, dtype=dtype, requires_grad=True)  # 2^18 masks: threads
-    y = cpu.group_masked_linear(x, weight, 0.3, torch.Generator().manual_seed(6))
-    masked = cpu.group_masked_weights(weight, 4, 0.3, torch.Generator().manual_seed(6))
+    x = torch.randn(6, 3, 256, dtype=dtype, requires_grad=True)  # 6 groups of 3 rows
+    weight = torch.randn(256, 256, dtype=dtype, requires_grad=True)  # 2^18 masks a chunk: threads
+    y = cpu.group_masked_linear(x, weight, 0.3, [6, 7])  # two chunks of 3 groups
+    masked = torch.cat(
+        [cpu.group_masked_weights(weight, 3, 0.3, torch.Generator().manual_seed(s)) for s in (6, 7)]
+    )
     expected = torch.bmm(x, masked.transpose(1, 2))
     assert y is not None and y.dtype == dtype
     tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
