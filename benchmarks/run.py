@@ -197,8 +197,13 @@ def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float:
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
         fn()
+    # Frees inside a Python-level op (an autograd Function) are folded into that op's
+    # event: count them at its end, never before the allocations they follow.
     changes = sorted(
-        (event.time_range.start, event.self_cpu_memory_usage)
+        (
+            event.time_range.start if event.self_cpu_memory_usage > 0 else event.time_range.end,
+            event.self_cpu_memory_usage,
+        )
         for event in prof.events()
         if event.self_cpu_memory_usage
     )

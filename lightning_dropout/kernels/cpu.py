@@ -151,6 +151,18 @@ def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
     jobs.clear()
 
 
+def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
+    # torch's allocator, so that torch.profiler's memory accounting sees the buffer
+    return torch.empty(size, dtype=dtype).numpy()
+
+
+def _zeros(like: Tensor) -> np.ndarray:
+    # zeroed by numpy on one thread: torch's zeros_like is a parallel op (see _in_threads)
+    zeros = torch.empty_like(like).numpy()
+    zeros.fill(0)
+    return zeros
+
+
 def _random_bytes(count: int, generator: torch.Generator | None) -> np.ndarray:
     """``count`` uniform bytes: the bytes of 64-bit words from torch's ``random_``."""
     words = torch.empty(-(-count // 8), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
@@ -184,7 +196,7 @@ def keep_mask(
         >>> round(keep_mask(1_000_000, 0.3).float().mean().item(), 2)
         0.7
     """
-    keep = np.empty(-(-numel // 8) * 8, np.bool_) if out is None else out
+    keep = _empty(-(-numel // 8) * 8, torch.bool) if out is None else out
     if p == 0.5:  # one random bit a decision: a set bit keeps
         draws, kernels = _random_bytes(-(-numel // 8), generator), compiled()
         if kernels is None:
@@ -392,7 +404,7 @@ def _chunk_masks(
     """Each chunk of groups with its masks (G, O, I), drawn from a generator seeded for it
     into one buffer that every chunk reuses (fresh memory costs page faults)."""
     chunk = -(-groups // len(seeds))
-    buffer = np.empty(-(-chunk * weight.numel() // 8) * 8, np.bool_)
+    buffer = _empty(-(-chunk * weight.numel() // 8) * 8, torch.bool)
     for index, seed in enumerate(seeds):
         part = slice(index * chunk, min(groups, (index + 1) * chunk))
         size = part.stop - part.start
@@ -430,14 +442,14 @@ class _MaskedLinear(torch.autograd.Function):
         xs, weights, grads = x.numpy(), weight.numpy(), grad.contiguous().numpy()
         factor = xs.dtype.type(1.0 / (1.0 - ctx.p))
         # numpy, not torch: small ops that never wait for a second thread
-        grad_x, grad_weight = np.zeros_like(xs), np.zeros_like(weights)
+        grad_x, grad_weight = _zeros(x), _zeros(weight)
         for part, keep in _chunk_masks(weight, ctx.p, ctx.seeds, x.shape[0]):
             partial: list[np.ndarray] = []  # one per piece: every weight row adds to all of x
 
             def run(
                 rows: slice, part: slice = part, keep: np.ndarray = keep, partial: list = partial
             ) -> None:
-                into = np.zeros_like(xs[part])
+                into = _zeros(x[part])
                 partial.append(into)
                 kernels.masked_linear_backward(
                     xs[part], weights, keep, factor, grads[part], into, grad_weight, rows.start, rows.stop
