@@ -15,10 +15,14 @@ one bool an element (or channel), kept for backward as torch keeps its own.
 Applying. With numba, one compiled pass (:mod:`._compiled`) writes ``x * scale`` on kept
 entries and +0.0 on dropped ones without reading them, so a dropped inf or NaN gives an
 exact 0 (float32 and float64). Without numba, and for other dtypes, torch ops compute the
-same values from the same masks. Large tensors are split over ``torch.get_num_threads()``
-plain threads that release the GIL and block rather than spin: on a host whose other
-cores are busy the pieces run one after another, where torch's own parallel ops were
-measured at ten times their idle time.
+same values from the same masks. Per-sample DropConnect of a linear layer multiplies by
+its masks without building the masked weights (:func:`group_masked_linear`).
+
+Threads. Large passes are cut into pieces that the calling thread and helper threads
+(the GIL released, blocking rather than spinning) claim one at a time; a helper the OS has
+not scheduled yet claims nothing, so on a host whose other cores are busy the caller
+finishes alone instead of waiting, where torch's own parallel ops were measured at
+several times their idle time.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ __all__ = [
     "channel_dropout",
     "compiled",
     "dropout",
+    "fits_masked_linear",
     "gaussian_dropout",
+    "group_masked_linear",
     "group_masked_weights",
     "keep_mask",
     "probability_digits",
