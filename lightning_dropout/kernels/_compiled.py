@@ -17,6 +17,25 @@ _jit = numba.njit(nogil=True, cache=True)
 _SPREAD = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], np.uint64)
 
 
+_ONES, _HIGHS = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
+
+
+@_jit
+def find_bytes(words: np.ndarray, byte: int, out: np.ndarray) -> int:
+    """Into ``out``, the positions of the bytes of ``words`` (uint64) equal to ``byte``, in
+    order; returns how many there are (more than ``out`` holds when it overflows)."""
+    pattern, count = _ONES * np.uint64(byte), 0
+    for w in range(words.size):
+        v = words[w] ^ pattern
+        if (v - _ONES) & ~v & _HIGHS:  # a zero byte in v (rare: 1 word in 32)
+            for b in range(8):
+                if (v >> np.uint64(8 * b)) & np.uint64(255) == 0:
+                    if count < out.size:
+                        out[count] = 8 * w + b
+                    count += 1
+    return count
+
+
 @_jit
 def spread_bits(bits: np.ndarray, out: np.ndarray) -> None:
     """``out[j]`` (uint64): the bits of byte ``bits[j]`` as eight 0 / 1 bytes, lowest first."""

@@ -60,7 +60,7 @@ _COMPILED_DTYPES = (torch.float32, torch.float64)
 _MIN_INT64 = -(2**63)
 # Below this many elements a kernel runs on the calling thread alone: starting a thread
 # costs about as much as the pass.
-_PARALLEL_NUMEL = 1 << 18
+_PARALLEL_NUMEL = 1 << 21
 # Channels at least this long are applied row by row; shorter ones element by element.
 _ROW_LENGTH = 16
 
@@ -114,6 +114,7 @@ def compiled() -> ModuleType | None:
                 1,
             )
         _compiled.spread_bits(np.zeros(1, np.uint8), np.empty(1, np.uint64))
+        _compiled.find_bytes(np.zeros(1, np.uint64), 0, np.empty(8, np.int64))
     except Exception as error:  # a numba that cannot compile here: torch ops instead
         warnings.warn(f"numba kernels unavailable, using torch ops: {error!r}", RuntimeWarning, stacklevel=2)
         return None
@@ -233,16 +234,27 @@ def keep_mask(
             kernels.spread_bits(draws, keep[: draws.size * 8].view(np.uint64))
         return torch.from_numpy(keep[:numel])
     digits = probability_digits(p)
-    draws = _random_bytes(numel, generator)
+    words = _random_bytes(-(-numel // 8) * 8, generator)
+    draws = words[:numel]
     # p = d / 256 exactly: keep iff u1 >= d, never a tie. Otherwise keep iff u1 > d.
     on_grid = len(digits) == 1
     keep_above = digits[0] - 1 if on_grid else digits[0]
     # numpy: one thread, so a busy host does not stall it; this pass costs 0.1 ns a byte.
     np.greater(draws, keep_above, out=keep[:numel])
-    ties = np.empty(0, np.int64) if on_grid else np.flatnonzero(draws == keep_above)
-    if ties.size:
-        keep[_resolve_ties(ties, digits, generator)] = True
+    if not on_grid:
+        keep[_resolve_ties(_find_ties(words, numel, keep_above), digits, generator)] = True
     return torch.from_numpy(keep[:numel])
+
+
+def _find_ties(words: np.ndarray, numel: int, digit: int) -> np.ndarray:
+    """The positions below ``numel`` of the bytes equal to ``digit`` (about 1 in 256)."""
+    kernels = compiled()
+    if kernels is not None:
+        ties = np.empty(numel // 128 + 64, np.int64)
+        count = kernels.find_bytes(words.view(np.uint64), digit, ties)
+        if count <= ties.size:
+            return ties[:count][ties[:count] < numel]
+    return np.flatnonzero(words[:numel] == digit)
 
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:

@@ -9,8 +9,13 @@ side (the ``paths`` fixture) and must give the same values from the same seed.
 from __future__ import annotations
 
 import math
+import os
+import select
+import signal
+import struct
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,3 +306,38 @@ def test_group_masked_linear_multiplies_by_the_group_masks(dtype: torch.dtype) -
     grads = torch.autograd.grad(y, (x, weight), upstream)
     for got, want in zip(grads, torch.autograd.grad(expected, (x, weight), upstream), strict=True):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_large_passes_in_threads_and_after_a_fork(path: str) -> None:
+    x = torch.randn(1 << 22)  # above the size that shares a pass among threads
+    torch.manual_seed(2)
+    y = cpu.dropout(x, 0.3, 1 / 0.7)
+    assert torch.equal(y, torch.where(y != 0, x * (1 / 0.7), 0.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(2)
+        assert torch.equal(cpu.dropout(x, 0.3, 1 / 0.7), y)  # one thread: the same values
+    finally:
+        torch.set_num_threads(threads)
+    if path != "numba":
+        return
+    # A forked child has none of the parent's helper threads: it starts its own. (The
+    # child runs no parallel torch op: GNU OpenMP hangs in a child forked after use.)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            torch.manual_seed(2)
+            os.write(write, struct.pack("d", cpu.dropout(x, 0.3, 1 / 0.7).numpy().sum(dtype=np.float64)))
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert select.select([read], [], [], 60)[0], "the forked child did not answer"
+        (total,) = struct.unpack("d", os.read(read, 8))
+    finally:
+        os.close(read)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert total == y.numpy().sum(dtype=np.float64)
