@@ -298,7 +298,8 @@ def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
 def _apply(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
     """``x * scale`` where the flat ``keep`` is True, each entry covering equal runs of ``x``."""
     source = x.contiguous()
-    out = source if inplace else torch.empty_like(source)
+    # a contiguous copy of x is ours to overwrite (backward: often a transposed gradient)
+    out = source if inplace or source is not x else torch.empty_like(source)
     _masked_scale(source.view(keep.numel(), -1), keep.view(1, -1), scale, out.view(1, keep.numel(), -1))
     return x.copy_(out) if inplace and out is not x else out
 
