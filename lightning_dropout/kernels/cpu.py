@@ -103,7 +103,7 @@ def compiled() -> ModuleType | None:
             _compiled.masked_linear(x3, x2, keep3, two, np.empty((1, 1, 1), dtype), 0, 1)
             _compiled.masked_linear_backward(x3, x2, keep3, two, x3[..., :1], x3.copy(), x2.copy(), 0, 1)
         _compiled.spread_bits(np.zeros(1, np.uint8), np.empty(1, np.uint64))
-        _compiled.find_bytes(np.zeros(1, np.uint64), 0, np.empty(8, np.int64))
+        _compiled.decide_bytes(np.zeros(1, np.uint64), 1, 0, np.empty(1, np.uint64), np.empty(8, np.int64))
     except Exception as error:  # a numba that cannot compile here: torch ops instead
         warnings.warn(f"numba kernels unavailable, using torch ops: {error!r}", RuntimeWarning, stacklevel=2)
         return None
@@ -224,26 +224,29 @@ def keep_mask(
         return torch.from_numpy(keep[:numel])
     digits = probability_digits(p)
     words = _random_bytes(-(-numel // 8) * 8, generator)
-    draws = words[:numel]
     # p = d / 256 exactly: keep iff u1 >= d, never a tie. Otherwise keep iff u1 > d.
     on_grid = len(digits) == 1
-    keep_above = digits[0] - 1 if on_grid else digits[0]
-    # numpy: one thread, so a busy host does not stall it; this pass costs 0.1 ns a byte.
-    np.greater(draws, keep_above, out=keep[:numel])
-    if not on_grid:
-        keep[_resolve_ties(_find_ties(words, numel, keep_above), digits, generator)] = True
+    threshold = digits[0] if on_grid else digits[0] + 1
+    ties = _decide(words, numel, threshold, -1 if on_grid else digits[0], keep)
+    if ties.size:
+        keep[_resolve_ties(ties, digits, generator)] = True
     return torch.from_numpy(keep[:numel])
 
 
-def _find_ties(words: np.ndarray, numel: int, digit: int) -> np.ndarray:
-    """The positions below ``numel`` of the bytes equal to ``digit`` (about 1 in 256)."""
+def _decide(words: np.ndarray, numel: int, threshold: int, tie: int, keep: np.ndarray) -> np.ndarray:
+    """``keep = words >= threshold`` byte by byte; returns the positions below ``numel`` of
+    the bytes equal to ``tie`` (about 1 in 256; none for -1)."""
     kernels = compiled()
-    if kernels is not None:
-        ties = np.empty(numel // 128 + 64, np.int64)
-        count = kernels.find_bytes(words.view(np.uint64), digit, ties)
+    if kernels is not None and threshold < 256:
+        ties = np.empty(numel // 128 + 64 if tie >= 0 else 0, np.int64)
+        count = kernels.decide_bytes(
+            words.view(np.uint64), threshold, tie, keep[: words.size].view(np.uint64), ties
+        )
         if count <= ties.size:
             return ties[:count][ties[:count] < numel]
-    return np.flatnonzero(words[:numel] == digit)
+    # numpy: one thread, so a busy host does not stall it
+    np.greater_equal(words[:numel], threshold, out=keep[:numel])
+    return np.flatnonzero(words[:numel] == tie) if tie >= 0 else np.empty(0, np.int64)
 
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:

@@ -341,3 +341,17 @@ def test_large_passes_in_threads_and_after_a_fork(path: str) -> None:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
     assert total == y.numpy().sum(dtype=np.float64)
+
+
+def test_byte_decisions_for_every_byte_and_threshold() -> None:
+    kernels = cpu.compiled()
+    if kernels is None:
+        pytest.skip("numba is not installed")
+    words = np.random.default_rng(0).permutation(np.tile(np.arange(256, dtype=np.uint8), 4))
+    for threshold in range(1, 256):
+        keep = np.empty(words.size, np.bool_)
+        ties = np.empty(64, np.int64)
+        tie = threshold - 1
+        count = kernels.decide_bytes(words.view(np.uint64), threshold, tie, keep.view(np.uint64), ties)
+        assert np.array_equal(keep, words >= threshold), threshold
+        assert np.array_equal(ties[:count], np.flatnonzero(words == tie)), threshold
