@@ -32,7 +32,6 @@ import itertools
 import os
 import queue
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -116,16 +115,10 @@ def _fits_compiled(x: Tensor) -> ModuleType | None:
 
 
 class _Helpers:
-    """Helper threads that wait for work (starting a thread costs about 0.1 ms a call).
-
-    ``alone_until``: a pass shared out recently took longer than the processor time its
-    pieces used (our threads were waiting for a core), so passes run on the calling thread
-    alone until then.
-    """
+    """Helper threads that wait for work (starting a thread costs about 0.1 ms a call)."""
 
     def __init__(self) -> None:
         self.pid, self.count, self.tasks = -1, 0, queue.SimpleQueue[Callable[[], None]]()
-        self.alone_until = 0.0
 
     def submit(self, task: Callable[[], None], copies: int) -> None:
         if self.pid != os.getpid():  # none yet, or a forked child that has none
@@ -143,8 +136,6 @@ class _Helpers:
 
 
 _HELPERS = _Helpers()
-# How long passes stay on one thread after sharing one out did not pay.
-_ALONE_SECONDS = 0.5
 
 
 def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
@@ -153,36 +144,29 @@ def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
     The calling thread works through the pieces with ``torch.get_num_threads() - 1``
     helpers, each claiming the next piece when free. A helper that the OS does not
     schedule soon (the other cores busy) claims nothing: the caller then does the work
-    alone and waits only for pieces already under way. When our threads had to share a
-    core (a pass took longer than the processor time of its pieces), passes run on the
-    calling thread alone for a while.
+    alone and waits only for pieces already under way.
     """
     threads = torch.get_num_threads()
     pieces = 1 if numel < _PARALLEL_NUMEL or threads < 2 else min(count, 4 * threads)
-    if pieces == 1 or time.monotonic() < _HELPERS.alone_until:
+    if pieces == 1:
         return run(slice(0, count))
     bounds = [count * k // pieces for k in range(pieces + 1)]
     claims = itertools.count()
     finished = threading.Semaphore(0)
-    jobs, used = [run], [0.0]  # jobs emptied at the end: a late helper holds no tensor alive
+    jobs = [run]  # emptied at the end: a helper scheduled late holds no tensor alive
 
     def work() -> None:
         while (piece := next(claims)) < pieces:
-            start = time.thread_time()
             try:
                 jobs[0](slice(bounds[piece], bounds[piece + 1]))
             finally:
-                used.append(time.thread_time() - start)
                 finished.release()
 
-    started = time.perf_counter()
     _HELPERS.submit(work, min(threads, pieces) - 1)
     work()
     for _ in range(pieces):
         finished.acquire()
     jobs.clear()
-    if time.perf_counter() - started > sum(used):
-        _HELPERS.alone_until = time.monotonic() + _ALONE_SECONDS
 
 
 def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
