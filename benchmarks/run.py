@@ -1,7 +1,7 @@
 """Time every layer of the package against its torch-native equivalent, side by side.
 
-Run from the repository root: ``python -m benchmarks`` (``--help`` for options; about
-3 minutes on a 2-core CPU). Each case pairs one of our layers with the torch way of
+Run from the repository root: ``python -m benchmarks`` (``--help`` for options; under
+a minute on a 2-core CPU). Each case pairs one of our layers with the torch way of
 doing the same thing; both run in the same process, interleaved (ours, torch, ours,
 torch, ...), and the table reports medians and the ratio torch / ours (above 1: ours is
 faster) beside the case's target. Forward is timed without autograd; forward + backward
