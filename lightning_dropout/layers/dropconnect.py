@@ -132,7 +132,8 @@ def grouped_drop_connect(
     masked weights take at most ``max_mask_bytes`` (at least one group per chunk); under
     autograd each chunk is checkpointed, so backward regenerates its mask from a seed
     rather than keeping every chunk's masked weights alive. ``linear``: ``product`` is
-    ``F.linear``'s, which a kernel may compute from the masks alone (one byte a weight).
+    ``F.linear``'s, which a kernel may compute from a chunk's masks alone, never building
+    its masked weights.
 
     Raises:
         ValueError: the batch size is not a multiple of ``groups``.
@@ -144,9 +145,8 @@ def grouped_drop_connect(
         raise ValueError(f"batch size {batch} is not a multiple of mask groups {groups}")
     grouped = x.reshape(groups, batch // groups, *x.shape[1:])
     chunk = max(1, max_mask_bytes // max(1, weight.numel() * weight.element_size()))
-    if linear and kernels.fits_group_masked_linear(
-        x, weight
-    ):  # one call: it redraws each chunk's masks in backward itself
+    if linear and kernels.fits_group_masked_linear(x, weight):
+        # One call for every chunk: it draws each chunk's masks again in backward itself.
         seeds = [_draw_seed() for _ in range(0, groups, chunk)]
         out = kernels.group_masked_linear(grouped.reshape(groups, -1, x.shape[-1]), weight, p, seeds)
         assert out is not None
