@@ -174,11 +174,35 @@ def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
     return torch.empty(size, dtype=dtype).numpy()
 
 
-def _zeros(like: Tensor) -> np.ndarray:
+class _Memory:
+    """A tensor's memory as numpy reads it. ``Tensor.numpy()`` would mark the storage as
+    never resizable again, and FSDP2 frees gathered parameters by resizing them to 0: the
+    tensors of callers are viewed this way (the tensor must outlive the view)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        size = tensor.element_size()
+        self.__array_interface__ = {
+            "version": 3,
+            "data": (tensor.data_ptr(), False),
+            "shape": tuple(tensor.shape),
+            "strides": tuple(stride * size for stride in tensor.stride()),
+            "typestr": _NUMPY_TYPES[tensor.dtype],
+        }
+
+
+_NUMPY_TYPES = {torch.float32: np.dtype(np.float32).str, torch.float64: np.dtype(np.float64).str}
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    return np.asarray(_Memory(tensor))
+
+
+def _zeros(like: Tensor) -> tuple[Tensor, np.ndarray]:
     # zeroed by numpy on one thread: torch's zeros_like is a parallel op (see _in_threads)
-    zeros = torch.empty_like(like).numpy()
-    zeros.fill(0)
-    return zeros
+    zeros = torch.empty_like(like, memory_format=torch.contiguous_format)
+    array = _array(zeros)
+    array.fill(0)
+    return zeros, array
 
 
 def _random_bytes(count: int, generator: torch.Generator | None) -> np.ndarray:
@@ -258,7 +282,7 @@ def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
     if kernels is None:
         torch.mul(x.expand_as(out), scale, out=out)
         return out.masked_fill_(~keep.unsqueeze(-1), 0.0)
-    xs, keeps, outs = x.numpy(), keep.numpy(), out.numpy()
+    xs, keeps, outs = _array(x), keep.numpy(), _array(out)
     factor = xs.dtype.type(scale)
     groups, entries, length = out.shape
     if groups == 1 and length >= _ROW_LENGTH:  # channels: dropped rows are not read
@@ -355,7 +379,7 @@ class _GaussianNoise(torch.autograd.Function):
             out = source * noise.mul_(sigma).add_(1.0)
         else:
             out = torch.empty_like(source)
-            xs, noises, outs = source.view(-1).numpy(), noise.view(-1).numpy(), out.view(-1).numpy()
+            xs, noises, outs = _array(source.view(-1)), noise.view(-1).numpy(), _array(out.view(-1))
             factor = noises.dtype.type(sigma)
 
             def run(piece: slice) -> None:
@@ -454,7 +478,7 @@ class _MaskedLinear(torch.autograd.Function):
         kernels = compiled()
         assert kernels is not None
         out = x.new_empty(*x.shape[:2], weight.shape[0])
-        xs, weights, outs = x.numpy(), weight.numpy(), out.numpy()
+        xs, weights, outs = _array(x), _array(weight), _array(out)
         factor = xs.dtype.type(1.0 / (1.0 - p))
         for part, keep in _chunk_masks(weight, p, seeds, x.shape[0]):
 
@@ -472,26 +496,26 @@ class _MaskedLinear(torch.autograd.Function):
         kernels = compiled()
         assert kernels is not None
         x, weight = ctx.saved_tensors
-        xs, weights, grads = x.numpy(), weight.numpy(), grad.contiguous().numpy()
+        grad = grad.contiguous()
+        xs, weights, grads = _array(x), _array(weight), _array(grad)
         factor = xs.dtype.type(1.0 / (1.0 - ctx.p))
-        # numpy, not torch: small ops that never wait for a second thread
-        grad_x, grad_weight = _zeros(x), _zeros(weight)
+        (grad_x, grad_xs), (grad_weight, grad_weights) = _zeros(x), _zeros(weight)
         for part, keep in _chunk_masks(weight, ctx.p, ctx.seeds, x.shape[0]):
             partial: list[np.ndarray] = []  # one per piece: every weight row adds to all of x
 
             def run(
                 rows: slice, part: slice = part, keep: np.ndarray = keep, partial: list = partial
             ) -> None:
-                into = _zeros(x[part])
+                into = np.zeros_like(xs[part])
                 partial.append(into)
                 kernels.masked_linear_backward(
-                    xs[part], weights, keep, factor, grads[part], into, grad_weight, rows.start, rows.stop
+                    xs[part], weights, keep, factor, grads[part], into, grad_weights, rows.start, rows.stop
                 )
 
             _in_threads(run, weight.shape[0], keep.size)
             for into in partial:
-                grad_x[part] += into
-        return torch.from_numpy(grad_x), torch.from_numpy(grad_weight), None, None
+                grad_xs[part] += into
+        return grad_x, grad_weight, None, None
 
 
 def fits_masked_linear(x: Tensor, weight: Tensor) -> bool:

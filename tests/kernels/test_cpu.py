@@ -355,3 +355,22 @@ def test_byte_decisions_for_every_byte_and_threshold() -> None:
         count = kernels.decide_bytes(words.view(np.uint64), threshold, tie, keep.view(np.uint64), ties)
         assert np.array_equal(keep, words >= threshold), threshold
         assert np.array_equal(ties[:count], np.flatnonzero(words == tie)), threshold
+
+
+def test_inputs_and_weights_keep_resizable_storage(path: str) -> None:
+    # FSDP2 frees gathered parameters by resizing their storage to 0; Tensor.numpy() would
+    # have made it fixed for good.
+    x = torch.randn(64, 300, requires_grad=True)
+    weight = torch.randn(40, 300, requires_grad=True)
+    y = (
+        cpu.dropout(x, 0.3, 1 / 0.7)
+        + cpu.channel_dropout(x[:, :, None].expand(64, 300, 32).contiguous(), 0.5, 2.0)[:, :, 0]
+    )
+    z = cpu.gaussian_dropout(x, 0.5)
+    out = cpu.group_masked_linear(x.view(8, 8, 300), weight, 0.5, [1, 2])
+    total = y.sum() + z.sum() + (0 if out is None else out.sum())
+    total.backward()
+    touched = [x, y, z, x.grad] + ([] if out is None else [weight, out, weight.grad])
+    for tensor in touched:
+        assert tensor is not None
+        tensor.untyped_storage().resize_(0)
