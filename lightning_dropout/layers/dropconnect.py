@@ -123,6 +123,7 @@ def grouped_drop_connect(
     groups: int,
     product: GroupedProduct,
     max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
+    linear: bool = False,
 ) -> Tensor:
     """Apply ``product`` with an independent weight mask per group of the batch.
 
@@ -130,7 +131,9 @@ def grouped_drop_connect(
     ``groups == len(x)`` is per-sample DropConnect. Groups are processed in chunks whose
     masked weights take at most ``max_mask_bytes`` (at least one group per chunk); under
     autograd each chunk is checkpointed, so backward regenerates its mask from a seed
-    rather than keeping every chunk's masked weights alive.
+    rather than keeping every chunk's masked weights alive. ``linear``: ``product`` is
+    ``F.linear``'s, which a kernel may compute from a chunk's masks alone, never building
+    its masked weights.
 
     Raises:
         ValueError: the batch size is not a multiple of ``groups``.
@@ -142,6 +145,13 @@ def grouped_drop_connect(
         raise ValueError(f"batch size {batch} is not a multiple of mask groups {groups}")
     grouped = x.reshape(groups, batch // groups, *x.shape[1:])
     chunk = max(1, max_mask_bytes // max(1, weight.numel() * weight.element_size()))
+    if linear and kernels.fits_group_masked_linear(x, weight):
+        # One call for every chunk: it draws each chunk's masks again in backward itself.
+        seeds = [_draw_seed() for _ in range(0, groups, chunk)]
+        out = kernels.group_masked_linear(grouped.reshape(groups, -1, x.shape[-1]), weight, p, seeds)
+        assert out is not None
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
+        return out if bias is None else out + bias
     track = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     outputs = []
     for start in range(0, groups, chunk):
@@ -221,17 +231,25 @@ class DropConnectLayer(DropProbability):
         if self.p == 1.0:
             return self._all_dropped(x)
         groups = self.mask_groups
+        linear = isinstance(self, nn.Linear)
         if self.per_sample:
             unbatched = x.dim() == self._unbatched_dims()
             if unbatched:
                 x = x.unsqueeze(0)
             out = grouped_drop_connect(
-                x, self.weight, self.bias, self.p, x.shape[0], self._grouped_product, self.max_mask_bytes
+                x,
+                self.weight,
+                self.bias,
+                self.p,
+                x.shape[0],
+                self._grouped_product,
+                self.max_mask_bytes,
+                linear,
             )
             return self._activation(out.squeeze(0) if unbatched else out)
         if groups > 1:
             out = grouped_drop_connect(
-                x, self.weight, self.bias, self.p, groups, self._grouped_product, self.max_mask_bytes
+                x, self.weight, self.bias, self.p, groups, self._grouped_product, self.max_mask_bytes, linear
             )
             return self._activation(out)
         return self._activation(self._product(x, drop_connect(self.weight, self.p), self.bias))

@@ -1,25 +1,42 @@
 """The CPU fast path: exact keep distribution, reproducibility, gradients, edge values.
 
 Statistical tests use fixed seeds and a 5-sigma tolerance on binomial counts (a false
-failure has probability below 1e-6 per check; with the seeds fixed, none is flaky).
+failure has probability below 1e-6 per check; with the seeds fixed, none is flaky). The
+numba kernels and the torch ops that replace them where numba is missing are run side by
+side (the ``paths`` fixture) and must give the same values from the same seed.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import select
+import signal
+import struct
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
-from lightning_dropout import Dropout, Dropout1d, Dropout2d, Dropout3d, kernels
-from lightning_dropout.kernels import cpu
+from lightning_dropout import Dropout, Dropout1d, Dropout2d, Dropout3d, GaussianDropout, kernels
+from lightning_dropout.kernels import cpu, reference
 
 SIGMAS = 5.0
 N = 1 << 22
 
 # Values on the first byte's grid, off it (the tie resolution decides), tiny and close to 1.
 PROBABILITIES = [0.5, 0.75, 0.3, 1 / 3, 0.1, 0.9, 0.999, 1e-3, 1e-5, 0.3 * 2**-16, 0.5 + 2**-12]
+
+
+@pytest.fixture(params=["numba", "torch ops"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the numba kernels, then on the torch ops that replace them."""
+    if request.param == "numba" and cpu.compiled() is None:
+        pytest.skip("numba is not installed")
+    if request.param == "torch ops":
+        monkeypatch.setattr(cpu, "compiled", lambda: None)
+    return str(request.param)
 
 
 def assert_binomial(count: int, trials: int, probability: float) -> None:
@@ -35,22 +52,21 @@ def test_probability_digits_are_the_exact_expansion(p: float) -> None:
 
 @pytest.mark.parametrize("p", PROBABILITIES)
 def test_each_element_kept_with_probability_one_minus_p(p: float) -> None:
-    keep = cpu.keep_bytes(N, p)
-    assert keep.dtype == torch.int8 and keep.shape == (N,)
-    assert set(keep.unique().tolist()) <= {-1, 0}
-    assert_binomial(int((keep == 0).sum()), N, p)
+    keep = cpu.keep_mask(N, p)
+    assert keep.dtype == torch.bool and keep.shape == (N,)
+    assert_binomial(int((~keep).sum()), N, p)
 
 
 def test_off_grid_probability_is_not_rounded_to_the_first_byte() -> None:
     # 0.3 lies between 76/256 and 77/256; with 4M draws either rounding is > 13 sigmas off.
-    drops = int((cpu.keep_bytes(N, 0.3) == 0).sum())
+    drops = int((~cpu.keep_mask(N, 0.3)).sum())
     assert_binomial(drops, N, 0.3)
     assert abs(drops / N - 76 / 256) > 10 * math.sqrt(0.21 / N)
 
 
 @pytest.mark.parametrize("p", [0.3, 0.5, 1e-3])
 def test_every_lane_of_a_word_and_neighbours_are_independent(p: float) -> None:
-    kept = (cpu.keep_bytes(N, p) != 0).view(-1, 8)
+    kept = cpu.keep_mask(N, p).view(-1, 8)
     for lane in range(8):
         assert_binomial(int(kept[:, lane].sum()), kept.shape[0], 1 - p)
     flat = kept.flatten()
@@ -60,16 +76,16 @@ def test_every_lane_of_a_word_and_neighbours_are_independent(p: float) -> None:
 
 def test_reproducible_under_manual_seed_and_generators() -> None:
     torch.manual_seed(123)
-    first = cpu.keep_bytes(100_003, 0.3)
+    first = cpu.keep_mask(100_003, 0.3)
     torch.manual_seed(123)
-    assert torch.equal(first, cpu.keep_bytes(100_003, 0.3))
-    assert not torch.equal(first, cpu.keep_bytes(100_003, 0.3))
-    a = cpu.keep_bytes(5000, 0.7, torch.Generator().manual_seed(9))
-    b = cpu.keep_bytes(5000, 0.7, torch.Generator().manual_seed(9))
+    assert torch.equal(first, cpu.keep_mask(100_003, 0.3))
+    assert not torch.equal(first, cpu.keep_mask(100_003, 0.3))
+    a = cpu.keep_mask(5000, 0.7, torch.Generator().manual_seed(9))
+    b = cpu.keep_mask(5000, 0.7, torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
 
 
-def test_dropout_output_values_and_gradient_follow_the_mask() -> None:
+def test_dropout_output_values_and_gradient_follow_the_mask(path: str) -> None:
     x = torch.randn(300, 1000, requires_grad=True)
     y = cpu.dropout(x, 0.3, 1 / 0.7)
     kept = y != 0
@@ -79,7 +95,7 @@ def test_dropout_output_values_and_gradient_follow_the_mask() -> None:
     assert torch.equal(x.grad, torch.where(kept, grad * (1 / 0.7), torch.zeros(())))
 
 
-def test_gradcheck_and_gradgradcheck() -> None:
+def test_gradcheck_and_gradgradcheck(path: str) -> None:
     x = torch.randn(kernels.CPU_MIN_NUMEL, dtype=torch.float64, requires_grad=True)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +106,7 @@ def test_gradcheck_and_gradgradcheck() -> None:
     assert torch.autograd.gradgradcheck(fn, x, fast_mode=True)
 
 
-def test_dropped_infinities_and_nans_give_exact_zeros() -> None:
+def test_dropped_infinities_and_nans_give_exact_zeros(path: str) -> None:
     x = torch.tensor([math.inf, -math.inf, math.nan, 1.0]).repeat(4096)
     y = cpu.dropout(x, 0.5, 2.0)
     reference_kept = (y != 0) & ~(y.isnan())
@@ -100,12 +116,12 @@ def test_dropped_infinities_and_nans_give_exact_zeros() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_dtypes(dtype: torch.dtype) -> None:
+def test_dtypes(dtype: torch.dtype, path: str) -> None:
     y = cpu.dropout(torch.ones(10_000, dtype=dtype), 0.75, 4.0)
     assert y.dtype == dtype and set(y.unique().tolist()) == {0.0, 4.0}
 
 
-def test_inplace_and_non_contiguous_inputs_match_the_contiguous_result() -> None:
+def test_inplace_and_non_contiguous_inputs_match_the_contiguous_result(path: str) -> None:
     x = torch.randn(200, 300)
     torch.manual_seed(1)
     expected = cpu.dropout(x.t().contiguous(), 0.3, 2.0)
@@ -122,7 +138,9 @@ def test_inplace_and_non_contiguous_inputs_match_the_contiguous_result() -> None
     ("layer", "shape"),
     [(Dropout1d, (256, 128, 16)), (Dropout2d, (256, 128, 4, 4)), (Dropout3d, (128, 256, 2, 2, 4))],
 )
-def test_channels_kept_with_probability_one_minus_p(layer: type, shape: tuple[int, ...], p: float) -> None:
+def test_channels_kept_with_probability_one_minus_p(
+    layer: type, shape: tuple[int, ...], p: float, path: str
+) -> None:
     x = torch.ones(shape, requires_grad=True)
     y = layer(p=p)(x)
     flat = y.flatten(2)
@@ -135,11 +153,18 @@ def test_channels_kept_with_probability_one_minus_p(layer: type, shape: tuple[in
 
 def test_the_layers_take_the_fast_path_for_large_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(cpu, "keep_bytes", lambda *a, _f=cpu.keep_bytes: calls.append("fast") or _f(*a))
+    monkeypatch.setattr(cpu, "keep_mask", lambda *a, _f=cpu.keep_mask: calls.append("mask") or _f(*a))
+    monkeypatch.setattr(
+        cpu, "gaussian_dropout", lambda *a, _f=cpu.gaussian_dropout: calls.append("gaussian") or _f(*a)
+    )
     Dropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL))
-    Dropout2d(0.5)(torch.ones(16, 16, 4, 4))
-    Dropout(0.5)(torch.ones(3, 5))
-    assert calls == ["fast", "fast"]
+    Dropout2d(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_CHANNELS // 64, 16, 2, 2))
+    GaussianDropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_GAUSSIAN))
+    assert calls == ["mask", "mask", "gaussian"]
+    Dropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL - 1))  # small inputs: the reference path
+    Dropout2d(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_CHANNELS // 64 - 1, 16, 2, 2))
+    GaussianDropout(0.5)(torch.ones(kernels.CPU_MIN_NUMEL_GAUSSIAN - 1))
+    assert len(calls) == 3
 
 
 def test_slides_example_on_a_fast_path_tensor() -> None:
@@ -152,7 +177,7 @@ def test_slides_example_on_a_fast_path_tensor() -> None:
     torch.testing.assert_close(x.grad, expected)
 
 
-def test_dropped_channels_are_exact_zeros_even_over_infinities_and_nans() -> None:
+def test_dropped_channels_are_exact_zeros_even_over_infinities_and_nans(path: str) -> None:
     x = torch.randn(8, 16, 64, requires_grad=True)
     with torch.no_grad():
         x[:, :, 3] = math.inf
@@ -173,3 +198,179 @@ def test_drop_connect_uses_the_exact_mask_on_cpu() -> None:
     w = drop_connect(torch.ones(512, 512), p=0.3)
     assert set(w.unique().tolist()) == {0.0, torch.tensor(1 / 0.7).item()}
     assert_binomial(int((w == 0).sum()), w.numel(), 0.3)
+
+
+def _dropout_everywhere(seed: int) -> list[torch.Tensor]:
+    """Outputs and gradients of every CPU-path function on awkward inputs, from one seed."""
+    torch.manual_seed(seed)
+    results = []
+    for numel, p in [(1, 0.3), (7, 0.5), (9, 0.1), (4097, 1 / 3), (70_001, 0.5), (100_003, 0.5 + 2**-12)]:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x = torch.randn(numel, dtype=dtype, requires_grad=True)
+            y = cpu.dropout(x, p, 1 / (1 - p))
+            y.backward(torch.randn_like(y))
+            results += [y, x.grad]
+    x = torch.randn(300, 1000, requires_grad=True)
+    for args in [(x.t(), 0.3, 2.0), (x, 0.75, 1.0)]:  # non-contiguous; original scaling
+        results.append(cpu.dropout(*args))
+    for length in (1, 3, 16, 64):  # short channels go element by element, long ones by rows
+        x = torch.randn(8, 32, length, requires_grad=True)
+        y = cpu.channel_dropout(x, 0.3, 1 / 0.7)
+        y.backward(torch.ones_like(y))
+        results += [y, x.grad]
+    weight = torch.randn(24, 40, requires_grad=True)
+    masked = cpu.group_masked_weights(weight, 5, 0.3, torch.Generator().manual_seed(seed))
+    masked.backward(torch.randn(40, 24, 5).permute(2, 1, 0))  # the transposed grad of a bmm
+    results += [masked, weight.grad]
+    x = torch.randn(5000, dtype=torch.float64, requires_grad=True)
+    y = cpu.gaussian_dropout(x, 0.7)
+    y.backward(torch.ones_like(y))
+    return [*results, y, x.grad]
+
+
+def test_numba_and_torch_ops_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    if cpu.compiled() is None:
+        pytest.skip("numba is not installed")
+    compiled = _dropout_everywhere(3)
+    monkeypatch.setattr(cpu, "compiled", lambda: None)
+    by_torch_ops = _dropout_everywhere(3)
+    for a, b in zip(compiled, by_torch_ops, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # and the values are right: dropout keeps x * scale or gives 0, Gaussian is the reference
+    torch.manual_seed(4)
+    x = torch.randn(100_003)
+    y = cpu.dropout(x, 0.3, 1 / 0.7)
+    assert torch.equal(y, torch.where(y != 0, x * (1 / 0.7), 0.0))
+    torch.manual_seed(4)
+    expected = reference.gaussian_dropout(x, 0.7)
+    torch.manual_seed(4)
+    assert torch.equal(cpu.gaussian_dropout(x, 0.7), expected)
+
+
+def test_gaussian_gradient_is_the_noise(path: str) -> None:
+    x = torch.randn(3000, dtype=torch.float64, requires_grad=True)
+    y = cpu.gaussian_dropout(x, 0.5)
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad * x.detach(), y.detach())
+
+    def fixed_noise(t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(2)
+        return cpu.gaussian_dropout(t, 0.5)
+
+    assert torch.autograd.gradgradcheck(fixed_noise, x[:50].detach().requires_grad_(), fast_mode=True)
+
+
+def test_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    if cpu.compiled() is None:
+        pytest.skip("numba is not installed")
+    from lightning_dropout.kernels import _compiled
+
+    try:
+        cpu.compiled.cache_clear()
+        monkeypatch.setenv(cpu.NUMBA_SWITCH, "0")
+        assert cpu.compiled() is None
+        cpu.compiled.cache_clear()
+        monkeypatch.delenv(cpu.NUMBA_SWITCH)
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("no LLVM here")
+
+        monkeypatch.setattr(_compiled, "scale_elements", broken)
+        with pytest.warns(RuntimeWarning, match="no LLVM here"):
+            assert cpu.compiled() is None
+        x = torch.ones(10_000)
+        assert set(cpu.dropout(x, 0.5, 2.0).unique().tolist()) == {0.0, 2.0}
+    finally:
+        monkeypatch.undo()
+        cpu.compiled.cache_clear()
+    assert cpu.compiled() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_masked_linear_multiplies_by_the_group_masks(dtype: torch.dtype) -> None:
+    if cpu.compiled() is None:
+        assert cpu.group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, [1]) is None
+        return
+    x = torch.randn(6, 3, 256, dtype=dtype, requires_grad=True)  # 6 groups of 3 rows
+    weight = torch.randn(256, 256, dtype=dtype, requires_grad=True)  # 2^18 masks a chunk: threads
+    y = cpu.group_masked_linear(x, weight, 0.3, [6, 7])  # two chunks of 3 groups
+    masked = torch.cat(
+        [cpu.group_masked_weights(weight, 3, 0.3, torch.Generator().manual_seed(s)) for s in (6, 7)]
+    )
+    expected = torch.bmm(x, masked.transpose(1, 2))
+    assert y is not None and y.dtype == dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, expected, **tolerance)
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight), upstream)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, weight), upstream), strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_large_passes_in_threads_and_after_a_fork(path: str) -> None:
+    x = torch.randn(1 << 22)  # above the size that shares a pass among threads
+    torch.manual_seed(2)
+    y = cpu.dropout(x, 0.3, 1 / 0.7)
+    assert torch.equal(y, torch.where(y != 0, x * (1 / 0.7), 0.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(2)
+        assert torch.equal(cpu.dropout(x, 0.3, 1 / 0.7), y)  # one thread: the same values
+    finally:
+        torch.set_num_threads(threads)
+    if path != "numba":
+        return
+    # A forked child has none of the parent's helper threads: it starts its own. (The
+    # child runs no parallel torch op: GNU OpenMP hangs in a child forked after use.)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            torch.manual_seed(2)
+            os.write(write, struct.pack("d", cpu.dropout(x, 0.3, 1 / 0.7).numpy().sum(dtype=np.float64)))
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert select.select([read], [], [], 60)[0], "the forked child did not answer"
+        (total,) = struct.unpack("d", os.read(read, 8))
+    finally:
+        os.close(read)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert total == y.numpy().sum(dtype=np.float64)
+
+
+def test_byte_decisions_for_every_byte_and_threshold() -> None:
+    kernels = cpu.compiled()
+    if kernels is None:
+        pytest.skip("numba is not installed")
+    words = np.random.default_rng(0).permutation(np.tile(np.arange(256, dtype=np.uint8), 4))
+    for threshold in range(1, 256):
+        keep = np.empty(words.size, np.bool_)
+        ties = np.empty(64, np.int64)
+        tie = threshold - 1
+        count = kernels.decide_bytes(words.view(np.uint64), threshold, tie, keep.view(np.uint64), ties)
+        assert np.array_equal(keep, words >= threshold), threshold
+        assert np.array_equal(ties[:count], np.flatnonzero(words == tie)), threshold
+
+
+def test_inputs_and_weights_keep_resizable_storage(path: str) -> None:
+    # FSDP2 frees gathered parameters by resizing their storage to 0; Tensor.numpy() would
+    # have made it fixed for good.
+    x = torch.randn(64, 300, requires_grad=True)
+    weight = torch.randn(40, 300, requires_grad=True)
+    y = (
+        cpu.dropout(x, 0.3, 1 / 0.7)
+        + cpu.channel_dropout(x[:, :, None].expand(64, 300, 32).contiguous(), 0.5, 2.0)[:, :, 0]
+    )
+    z = cpu.gaussian_dropout(x, 0.5)
+    out = cpu.group_masked_linear(x.view(8, 8, 300), weight, 0.5, [1, 2])
+    total = y.sum() + z.sum() + (0 if out is None else out.sum())
+    total.backward()
+    touched = [x, y, z, x.grad] + ([] if out is None else [weight, out, weight.grad])
+    for tensor in touched:
+        assert tensor is not None
+        tensor.untyped_storage().resize_(0)

@@ -11,8 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dropout import DropConnectConv1d, DropConnectConv2d, DropConnectConv3d, DropConnectLinear
+from lightning_dropout import (
+    DropConnectConv1d,
+    DropConnectConv2d,
+    DropConnectConv3d,
+    DropConnectLinear,
+    kernels,
+)
+from lightning_dropout.kernels import cpu
 from lightning_dropout.layers import drop_connect
+
+
+@pytest.fixture
+def materialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-sample linear layers mask their weights and multiply, as convolutions do (the
+    CPU kernel that multiplies by the masks without materialising them is switched off)."""
+    monkeypatch.setattr(kernels, "fits_group_masked_linear", lambda *args: False)
 
 
 def test_drop_connect_weight_values_and_rate() -> None:
@@ -106,7 +120,7 @@ def test_gradcheck_with_fixed_masks(per_sample: bool) -> None:
     assert torch.autograd.gradcheck(fixed_masks, (x, w))
 
 
-def test_per_sample_memory_is_bounded_by_chunks() -> None:
+def test_per_sample_memory_is_bounded_by_chunks(materialised: None) -> None:
     # 64 samples of a 256 x 256 float32 weight (256 KiB each) under a 1 MiB budget: at
     # most 4 samples' masks at once, so 16 chunks, each checkpointed.
     layer = DropConnectLinear(256, 256, per_sample=True, max_mask_bytes=2**20)
@@ -124,7 +138,7 @@ def test_per_sample_memory_is_bounded_by_chunks() -> None:
     assert sum(calls) == 2 * 64  # every chunk recomputed once in backward
 
 
-def test_per_sample_backward_regenerates_the_forward_masks() -> None:
+def test_per_sample_backward_regenerates_the_forward_masks(materialised: None) -> None:
     layer = DropConnectLinear(4, 3, p=0.5, per_sample=True, max_mask_bytes=1).double()
     seen: list[torch.Tensor] = []
     original = layer._grouped_product
@@ -148,6 +162,42 @@ def test_per_sample_backward_regenerates_the_forward_masks() -> None:
     scaled_masks = masked / layer.weight.detach()
     expected = torch.einsum("bo,bi,boi->oi", upstream, x.detach(), scaled_masks)
     torch.testing.assert_close(layer.weight.grad, expected)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+@pytest.mark.parametrize("shape", [(6, 20), (6, 3, 20)])
+def test_per_sample_linear_kernel_equals_masked_weights(
+    monkeypatch: pytest.MonkeyPatch, p: float, shape: tuple[int, ...]
+) -> None:
+    layer = DropConnectLinear(20, 7, p=p, per_sample=True, max_mask_bytes=6 * 20 * 7 * 8).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 7, dtype=torch.float64)
+    calls: list[int] = []
+    original = kernels.group_masked_linear
+    monkeypatch.setattr(kernels, "group_masked_linear", lambda x, *a: calls.append(len(x)) or original(x, *a))
+    results = []
+    for _ in range(2):  # with the kernel, then multiplying masked weights
+        torch.manual_seed(8)
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.backward(upstream)
+        results.append((y, x.grad, layer.weight.grad, layer.bias.grad))
+        monkeypatch.setattr(kernels, "fits_group_masked_linear", lambda *args: False)
+    assert calls == [6]
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_per_sample_linear_kernel_chunks_follow_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not kernels.fits_group_masked_linear(torch.ones(1), torch.ones(1)):
+        pytest.skip("no kernel for per-sample linear masks here")
+    layer = DropConnectLinear(64, 32, per_sample=True, max_mask_bytes=5 * 64 * 32 * 4)  # 5 samples' weights
+    sizes: list[int] = []
+    original = cpu.keep_mask
+    monkeypatch.setattr(cpu, "keep_mask", lambda n, *a: sizes.append(n // (64 * 32)) or original(n, *a))
+    layer(torch.randn(12, 64, requires_grad=True)).sum().backward()
+    assert sizes == [4, 4, 4] * 2  # 3 equal chunks within the budget; backward draws them again
 
 
 def test_gaussian_inference_moments_match_training() -> None:
