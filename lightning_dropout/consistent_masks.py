@@ -57,28 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 from lightning_dropout.layers import DropConnect, DropConnectLayer
 from lightning_dropout.random_streams import _generators, _mix
 from lightning_dropout.sites import DropoutSite, function_sites
+from lightning_dropout.sites.probe import DROP_CALLS, RunningModules, dropping_p
 
-# Functions a module's code drops with: (name of the training argument, its position,
-# whether the map is affine rather than a mask times the input). p is argument 1.
-_DROP_FUNCTIONS: dict[Callable[..., Any], tuple[str, int, bool]] = {
-    F.dropout: ("training", 2, False),
-    F.dropout1d: ("training", 2, False),
-    F.dropout2d: ("training", 2, False),
-    F.dropout3d: ("training", 2, False),
-    F.alpha_dropout: ("training", 2, True),
-    F.feature_alpha_dropout: ("training", 2, True),
-    torch.dropout: ("train", 2, False),
-    torch.feature_dropout: ("train", 2, False),
-    torch.alpha_dropout: ("train", 2, True),
-    torch.feature_alpha_dropout: ("train", 2, True),
-}
 _INPLACE_POSITION = 3
-_SDPA_DROPOUT_POSITION = 4
 
 _UNSUPPORTED_KINDS = {
     "rnn": "drawn inside the fused RNN kernel",
@@ -164,8 +149,7 @@ class ConsistentMasks:
         self._count = 1
         self._calls: Counter[tuple[str, str]] = Counter()
         self._probing = 0
-        self._stack: list[nn.Module] = []
-        self._handles: list[RemovableHandle] = []
+        self._running = RunningModules()
         self._mode: _ConsistentCalls | None = None
         self._patched: list[nn.Module] = []
 
@@ -181,10 +165,7 @@ class ConsistentMasks:
             module.forward = self._module_forward(name, site, module.forward)
             self._patched.append(module)
         if self._needs_calls:
-            self._handles = [
-                nn.modules.module.register_module_forward_pre_hook(self._enter_module),
-                nn.modules.module.register_module_forward_hook(self._leave_module, always_call=True),
-            ]
+            self._running.open()
             self._mode = _ConsistentCalls(self)
             self._mode.__enter__()
         return self
@@ -193,9 +174,7 @@ class ConsistentMasks:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._running.remove()
         for module in self._patched:
             vars(module).pop("forward", None)
         self._patched = []
@@ -211,7 +190,7 @@ class ConsistentMasks:
             raise ValueError(f"replicas need start >= 0 and count >= 1, got {start} and {count}")
         self._start, self._count = start, count
         self._calls.clear()
-        self._stack = []
+        self._running.stack.clear()
         generators = [torch.default_generator]
         if torch.cuda.is_initialized():
             generators.append(torch.cuda.default_generators[torch.cuda.current_device()])
@@ -316,23 +295,16 @@ class ConsistentMasks:
 
     # -- function calls -------------------------------------------------------------------
 
-    def _enter_module(self, module: nn.Module, args: Any) -> None:
-        self._stack.append(module)
-
-    def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack and self._stack[-1] is module:
-            self._stack.pop()
-
     def _owner(self) -> str:
-        if not self._stack:
+        module = self._running.innermost
+        if module is None:
             return ""
-        module = self._stack[-1]
         return self._names.get(id(module), type(module).__qualname__)
 
     def dropout_call(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A dropout function's call, with the replicas' masks."""
         key = self._call_key(self._owner(), getattr(func, "__name__", repr(func)))
-        affine = _DROP_FUNCTIONS[func][2]
+        affine = DROP_CALLS[func][2]
         rest, options = list(args[1:]), dict(kwargs)
         if len(rest) >= _INPLACE_POSITION:
             rest[_INPLACE_POSITION - 1] = False
@@ -379,21 +351,12 @@ class _ConsistentCalls(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if self.masks._probing or not args or not isinstance(args[0], Tensor):
+        p = None if self.masks._probing else dropping_p(func, args, kwargs)
+        if p is None:
             return func(*args, **kwargs)
-        spec = _DROP_FUNCTIONS.get(func)
-        if spec is not None:
-            training_name, position, _ = spec
-            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-            training = args[position] if len(args) > position else kwargs.get(training_name, True)
-            if training and isinstance(p, (int, float)) and p > 0:
-                return self.masks.dropout_call(func, args, kwargs)
-        elif func is F.scaled_dot_product_attention:
-            given = args[_SDPA_DROPOUT_POSITION] if len(args) > _SDPA_DROPOUT_POSITION else None
-            p = kwargs.get("dropout_p", given or 0.0)
-            if isinstance(p, (int, float)) and p > 0:
-                return self.masks.attention_call(args, kwargs)
-        return func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self.masks.attention_call(args, kwargs)
+        return self.masks.dropout_call(func, args, kwargs)
 
 
 @contextmanager

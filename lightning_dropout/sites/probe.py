@@ -27,14 +27,81 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dropout.sites.site import DropoutSite
 
-# Function -> (name of its training argument, position of it); p is argument 1 in all.
-_DROP_CALLS: dict[Callable[..., Any], tuple[str, int]] = {
-    F.dropout: ("training", 2),
-    F.dropout1d: ("training", 2),
-    F.dropout2d: ("training", 2),
-    F.dropout3d: ("training", 2),
-    torch.dropout: ("train", 2),
+# Dropout functions: (name of the training argument, its position, whether the map is
+# affine rather than a mask times the input). p is argument 1 in all.
+DROP_CALLS: dict[Callable[..., Any], tuple[str, int, bool]] = {
+    F.dropout: ("training", 2, False),
+    F.dropout1d: ("training", 2, False),
+    F.dropout2d: ("training", 2, False),
+    F.dropout3d: ("training", 2, False),
+    F.alpha_dropout: ("training", 2, True),
+    F.feature_alpha_dropout: ("training", 2, True),
+    torch.dropout: ("train", 2, False),
+    torch.feature_dropout: ("train", 2, False),
+    torch.alpha_dropout: ("train", 2, True),
+    torch.feature_alpha_dropout: ("train", 2, True),
 }
+_SDPA_DROPOUT_POSITION = 4
+
+
+def dropping_p(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """The drop probability of a call that drops: a dropout function in training mode, or
+    ``scaled_dot_product_attention``, with p > 0; None for any other call.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> dropping_p(F.dropout, (x, 0.3), {}), dropping_p(F.dropout, (x, 0.3, False), {})
+        (0.3, None)
+    """
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    spec = DROP_CALLS.get(func)
+    if spec is not None:
+        training_name, position, _ = spec
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[position] if len(args) > position else kwargs.get(training_name, True)
+        if not training:
+            return None
+    elif func is F.scaled_dot_product_attention:
+        positional = args[_SDPA_DROPOUT_POSITION] if len(args) > _SDPA_DROPOUT_POSITION else 0.0
+        p = kwargs.get("dropout_p", positional)
+    else:
+        return None
+    return float(p) if isinstance(p, (int, float)) and p > 0 else None
+
+
+class RunningModules:
+    """The stack of modules whose forward is running, kept by global forward hooks while
+    open: which module's code makes a call seen by a ``TorchFunctionMode``."""
+
+    def __init__(self) -> None:
+        self.stack: list[nn.Module] = []
+        self._handles: list[RemovableHandle] = []
+
+    def open(self) -> None:
+        self.stack = []
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._enter),
+            nn.modules.module.register_module_forward_hook(self._leave, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.stack = []
+
+    @property
+    def innermost(self) -> nn.Module | None:
+        return self.stack[-1] if self.stack else None
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self.stack.append(module)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
 
 #: ``observe(site, x)`` is called with the input of a dropout call made for ``site``
 #: before the call runs; it may return a function that is then called with the output.
@@ -94,8 +161,7 @@ class FunctionalProbe:
     def __init__(self, sites: Mapping[str, DropoutSite], observe: Observer) -> None:
         self.owners = function_sites(sites)
         self.observe = observe
-        self._stack: list[nn.Module] = []
-        self._handles: list[RemovableHandle] = []
+        self._running = RunningModules()
         self._mode: _DropCallMode | None = None
 
     def __enter__(self) -> FunctionalProbe:
@@ -109,11 +175,7 @@ class FunctionalProbe:
         """Start watching (a no-op when already open or when no site can be called for)."""
         if self._mode is not None or not self.owners:
             return
-        self._stack = []
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._enter_module),
-            nn.modules.module.register_module_forward_hook(self._leave_module, always_call=True),
-        ]
+        self._running.open()
         self._mode = _DropCallMode(self)
         self._mode.__enter__()
 
@@ -122,21 +184,12 @@ class FunctionalProbe:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._stack = []
-
-    def _enter_module(self, module: nn.Module, args: Any) -> None:
-        self._stack.append(module)
-
-    def _leave_module(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack and self._stack[-1] is module:
-            self._stack.pop()
+        self._running.remove()
 
     def sites_for(self, p: float) -> list[DropoutSite]:
         """The watched sites a dropout call with rate ``p`` made now belongs to."""
-        candidates = self.owners.get(self._stack[-1]) if self._stack else None
+        innermost = self._running.innermost
+        candidates = self.owners.get(innermost) if innermost is not None else None
         if not candidates:
             return []
         matching = [site for site in candidates if site.p is not None and abs(site.p - p) <= 1e-12]
@@ -156,17 +209,13 @@ class _DropCallMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        spec = _DROP_CALLS.get(func)
-        if spec is None or not args or not isinstance(args[0], Tensor):
+        # Attention dropout happens inside the fused kernel, and alpha dropout sets no zeros:
+        # nothing to observe there.
+        seen = func in DROP_CALLS and not DROP_CALLS[func][2]
+        p = dropping_p(func, args, kwargs) if seen else None
+        if p is None:
             return func(*args, **kwargs)
-        training_name, training_position = spec
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-        training = (
-            args[training_position] if len(args) > training_position else kwargs.get(training_name, True)
-        )
-        if not training or not isinstance(p, (int, float)) or p == 0:
-            return func(*args, **kwargs)
-        finishes = [self.probe.observe(site, args[0]) for site in self.probe.sites_for(float(p))]
+        finishes = [self.probe.observe(site, args[0]) for site in self.probe.sites_for(p)]
         out = func(*args, **kwargs)
         for finish in finishes:
             if finish is not None:
@@ -174,4 +223,4 @@ class _DropCallMode(TorchFunctionMode):
         return out
 
 
-__all__ = ["FunctionalProbe", "Observer", "function_sites"]
+__all__ = ["DROP_CALLS", "FunctionalProbe", "Observer", "RunningModules", "dropping_p", "function_sites"]
