@@ -8,10 +8,10 @@ masks whichever path runs. Nothing here validates arguments: the layers do.
 ``p`` is a float in (0, 1) (eager layers; 0 and 1 have exact outputs that the layers
 return themselves) or a 0-d tensor in [0, 1] (compiled layers: never read on the host, so
 a new value recompiles nothing). CUDA tensors (fp32, bf16, fp16) go to the Triton kernels
-of :mod:`.triton_dropout` when Triton imports, with either kind of p: they keep no mask for
-backward. Large CPU tensors with a float p go to :mod:`.cpu` (exact Bernoulli masks from
-torch's generator, applied in one pass). In-place calls, other dtypes and whatever is left
-take the reference path.
+of :mod:`.triton_dropout` when Triton imports, with either kind of p, unless the call is
+in place: they keep no mask for backward. Large CPU tensors with a float p go to
+:mod:`.cpu` (exact Bernoulli masks from torch's generator, applied in one pass). The rest
+takes the reference path.
 """
 
 from __future__ import annotations
