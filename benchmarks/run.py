@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import lightning_dropout
 from lightning_dropout import DropConnectLinear, Dropout, Dropout1d, Dropout2d, Dropout3d, GaussianDropout
 from lightning_dropout.kernels import cpu
-from lightning_dropout.layers.dropconnect import DEFAULT_MAX_MASK_BYTES
+from lightning_dropout.layers.drop_connect_layers import DEFAULT_MAX_MASK_BYTES
 
 RESULTS = Path(__file__).parent / "results"
 MB = 2**20

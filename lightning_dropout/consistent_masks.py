@@ -18,10 +18,11 @@ stream is left exactly as it was. Then, per kind of site:
   (ones, and zeros for alpha dropout, whose map is affine) in the replica's scope and
   applies the resulting mask to every row. The module's own semantics (inverted scaling,
   channel masks, drop-path scaling) are kept because its own code draws the mask;
-* a module that draws one mask per call (DropConnect: ``DropConnectLinear`` and
-  ``DropConnectConv*`` with their ``per_sample`` and ``mask_groups`` set aside for the run,
-  the ``DropConnect`` wrapper), or one whose input is not floating point: its forward
-  runs once per replica, on that replica's rows, in the replica's scope;
+* a module that draws one mask per call (a
+  :class:`~lightning_dropout.layers.WeightMaskLayer`: DropConnect's layers and wrapper,
+  EmbeddingDropout; per-sample or grouped masks set aside for the run by its
+  ``one_mask_per_call``), or one whose input is not floating point: its forward runs once
+  per replica, on that replica's rows, in the replica's scope;
 * dropout that a module's code does by calling a function (``F.dropout`` and the
   channel and alpha variants, ``torch.dropout``; transformers' eager attention, timm's
   heads) and attention dropout handed to ``scaled_dot_product_attention``: a
@@ -50,7 +51,7 @@ import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_dropout.layers import DropConnect, DropConnectLayer
+from lightning_dropout.layers import WeightMaskLayer
 from lightning_dropout.random_streams import _generators, _mix
 from lightning_dropout.sites import DropoutSite, function_sites
 from lightning_dropout.sites.probe import DROP_CALLS, RunningModules, dropping_p
@@ -277,15 +278,15 @@ class ConsistentMasks:
         self, name: str, site: DropoutSite, original: Callable[..., Any]
     ) -> Callable[..., Any]:
         module = site.module
-        per_call = site.kind == "dropconnect"
+        one_mask = module.one_mask_per_call if isinstance(module, WeightMaskLayer) else nullcontext
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not module.training or not args or not isinstance(args[0], Tensor) or self._probing:
                 return original(*args, **kwargs)
             x, rest = args[0], args[1:]
             key = self._call_key(name, "forward")
-            if per_call or not x.is_floating_point():
-                with _one_mask_per_call(module):
+            if isinstance(module, WeightMaskLayer) or not x.is_floating_point():
+                with one_mask():
                     return self.call_per_replica(x, key, lambda part: original(part, *rest, **kwargs))
             return self.mask_rows(
                 x, key, lambda probe: original(probe, *rest, **kwargs), site.kind == "alpha"
@@ -357,23 +358,6 @@ class _ConsistentCalls(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self.masks.attention_call(args, kwargs)
         return self.masks.dropout_call(func, args, kwargs)
-
-
-@contextmanager
-def _one_mask_per_call(module: nn.Module) -> Iterator[None]:
-    """A DropConnect module drawing one weight mask per call for the block."""
-    saved: dict[str, Any] = {}
-    if isinstance(module, (DropConnect, DropConnectLayer)):
-        saved["mask_groups"] = module.mask_groups
-        module.mask_groups = 1
-    if isinstance(module, DropConnectLayer):
-        saved["per_sample"] = module.per_sample
-        module.per_sample = False
-    try:
-        yield
-    finally:
-        for attribute, value in saved.items():
-            setattr(module, attribute, value)
 
 
 __all__ = ["ConsistentMasks", "inconsistent_sites"]

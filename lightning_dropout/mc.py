@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.consistent_masks import ConsistentMasks
+from lightning_dropout.layers import WeightMaskLayer
 from lightning_dropout.random_streams import _generators
 from lightning_dropout.sites import DropoutSite, find_sites, select_sites, sites_training
 
@@ -178,10 +179,10 @@ def mc_dropout(
 def independent_replica_masks(module: nn.Module, replicas: int) -> Iterator[None]:
     """Give each of ``replicas`` inputs stacked replica-major along dim 0 its own weight masks.
 
-    Sets ``mask_groups = replicas`` on every layer that draws one mask per call and splits
-    its batch into ``mask_groups`` groups with masks of their own (the DropConnect layers
-    and wrapper, EmbeddingDropout; ``per_sample=True`` DropConnect layers already draw one
-    per sample) and restores the previous values on exit.
+    Every layer that draws one mask per call for its whole batch (a
+    :class:`~lightning_dropout.layers.WeightMaskLayer`: the DropConnect layers and wrapper,
+    EmbeddingDropout) splits its batch into ``replicas`` groups with masks of their own
+    within the block; ``per_sample=True`` DropConnect layers already draw one per sample.
 
     Args:
         module: the model.
@@ -197,19 +198,11 @@ def independent_replica_masks(module: nn.Module, replicas: int) -> Iterator[None
         1
     """
     replicas = check_positive_int("replicas", replicas)
-    layers = [
-        m
-        for m in module.modules()
-        if isinstance(getattr(m, "mask_groups", None), int) and not getattr(m, "per_sample", False)
-    ]
-    previous = [m.mask_groups for m in layers]
-    try:
-        for m in layers:
-            setattr(m, "mask_groups", replicas)  # noqa: B010 (an attribute the layer declares)
+    with ExitStack() as stack:
+        for m in module.modules():
+            if isinstance(m, WeightMaskLayer):
+                stack.enter_context(m.independent_groups(replicas))
         yield
-    finally:
-        for m, groups in zip(layers, previous, strict=True):
-            setattr(m, "mask_groups", groups)  # noqa: B010
 
 
 def replicate(batch: Any, replicas: int) -> Any:

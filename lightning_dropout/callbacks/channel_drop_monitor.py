@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._monitor import Removable, StepMonitor, watch_sites
-from lightning_dropout.layers.spatial import _ChannelDropout
+from lightning_dropout.layers import ChannelDropout
 from lightning_dropout.metrics import ChannelDrop
 from lightning_dropout.selection import check_patterns, select
 from lightning_dropout.sites import DropoutSite, find_sites
@@ -22,11 +22,10 @@ def channels_first(module: nn.Module, x: Tensor) -> Tensor:
     """``x`` as ``(N, C, *spatial)``, adding the batch dimension of an unbatched input the
     way ``module`` itself reads it (torch's Dropout2d takes 3-D input as ``(N, C, L)``).
     """
-    if isinstance(module, _ChannelDropout):
-        batched = module.batched if module.batched is not None else x.dim() == module.spatial_dims + 2
-    else:
-        spatial = _TORCH_SPATIAL_DIMS.get(type(module), x.dim() - 2)
-        batched = x.dim() != spatial + 1 or isinstance(module, nn.Dropout2d)
+    if isinstance(module, ChannelDropout):
+        return module.as_batched(x)
+    spatial = _TORCH_SPATIAL_DIMS.get(type(module), x.dim() - 2)
+    batched = x.dim() != spatial + 1 or isinstance(module, nn.Dropout2d)
     return x if batched else x.unsqueeze(0)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._monitor import Removable, StepMonitor, watch_sites
+from lightning_dropout.layers import DropCounter
 from lightning_dropout.metrics import DropRate
 from lightning_dropout.selection import check_patterns
 from lightning_dropout.sites import DropoutSite, select_sites
@@ -42,8 +43,9 @@ class DropRateMonitor(StepMonitor):
     BART, transformers' eager attention) through a
     :class:`~lightning_dropout.sites.FunctionalProbe` open during the measured step only.
     For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p`` whose
-    noise variance ``p / (1 - p)`` matches the measured one. A layer with a
-    ``drop_counts(input, output)`` method counts its own drops (ConcreteDropout: relaxed
+    noise variance ``p / (1 - p)`` matches the measured one. A
+    :class:`~lightning_dropout.layers.DropCounter` (a layer with a
+    ``drop_counts(input, output)`` method) counts its own drops (ConcreteDropout: relaxed
     drops past 1/2; EmbeddingDropout: distinct tokens dropped). Alpha dropout and DropConnect
     hide their drops from the activations, and fused kernels (attention dropout inside
     ``scaled_dot_product_attention``, ``nn.LSTM``'s between-layer dropout) hide their masks:
@@ -108,9 +110,9 @@ class DropRateMonitor(StepMonitor):
             metric.to(x.device)
         # A layer whose drops are not zeros of a float input (ConcreteDropout's relaxed
         # mask, EmbeddingDropout's token indices) counts them itself.
-        counts = getattr(site.module, "drop_counts", None) if site.is_module else None
-        if counts is not None:
-            return lambda out: metric.update(*counts(x, out))
+        if site.is_module and isinstance(site.module, DropCounter):
+            counter = site.module
+            return lambda out: metric.update(*counter.drop_counts(x, out))
         if site.kind == "patch_dropout":
             prefix = int(getattr(site.module, "num_prefix_tokens", 0))
             tokens = (x.shape[1] - prefix) * x.shape[0]

@@ -1,15 +1,17 @@
-"""Fast paths for the layers' training-mode work, chosen per tensor.
+"""Fast paths for the layers' training-mode work, chosen per tensor: one dispatch per rule.
 
 The layers call only the functions below; each picks the fastest implementation that
-exists for the input's device and falls back to :mod:`.reference`, the exact PyTorch
-definition. Every implementation draws from torch's generators, so ``torch.manual_seed``
-reproduces masks whichever path runs. Nothing here validates arguments: the layers do.
+exists for the input and falls back to :mod:`.reference`, the exact PyTorch definition.
+Every implementation draws from torch's generators, so ``torch.manual_seed`` reproduces
+masks whichever path runs. Nothing here validates arguments: the layers do.
 
-CUDA tensors (fp32, bf16, fp16) go to the Triton kernels of :mod:`.triton_dropout` when
-Triton imports: they keep no mask for backward. In-place calls and other dtypes take the
-reference path. Compiled layers pass p as a 0-d device tensor (the ``*_with_p_tensor``
-functions): the Triton kernels take it as it is; where they do not apply, those functions
-return None and the layer writes the rule in torch ops.
+``p`` is a float in (0, 1) (eager layers; 0 and 1 have exact outputs that the layers
+return themselves) or a 0-d tensor in [0, 1] (compiled layers: never read on the host, so
+a new value recompiles nothing). CUDA tensors (fp32, bf16, fp16) go to the Triton kernels
+of :mod:`.triton_dropout` when Triton imports, with either kind of p, unless the call is
+in place: they keep no mask for backward. Large CPU tensors with a float p go to
+:mod:`.cpu` (exact Bernoulli masks from torch's generator, applied in one pass). The rest
+takes the reference path.
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ from lightning_dropout.kernels import cpu, reference
 __all__ = [
     "channel_dropout",
     "dropout",
-    "dropout_with_p_tensor",
-    "fits_group_masked_linear",
     "fast_drop_connect_linear",
+    "fits_group_masked_linear",
     "gaussian_dropout",
-    "gaussian_dropout_with_p_tensor",
     "group_masked_linear",
     "group_masked_weights",
 ]
@@ -61,17 +61,6 @@ def _fits_triton(x: Tensor) -> bool:
     return x.device.type in TRITON_DEVICES and x.dtype in TRITON_DTYPES
 
 
-def _on_triton(x: Tensor, p: float, scale: float, inplace: bool) -> bool:
-    # The kernels derive the scale from p on the device: 1 / (1 - p) or 1.
-    return (
-        triton_kernels is not None
-        and _fits_triton(x)
-        and not inplace
-        and p < 1.0
-        and (scale == 1.0 or scale == 1.0 / (1.0 - p))
-    )
-
-
 # Below these many elements the CPU path's fixed cost (about 20 us a call, forward and
 # backward, for masks, threads and an autograd Function in Python) exceeds what it saves
 # over the reference path; measured on 2 cores (docs/performance.md).
@@ -80,78 +69,61 @@ CPU_MIN_NUMEL_CHANNELS = 32768
 CPU_MIN_NUMEL_GAUSSIAN = 131072
 
 
-def _cpu_fast(x: Tensor, min_numel: int | None = None) -> bool:
-    return x.device.type == "cpu" and x.numel() >= (CPU_MIN_NUMEL if min_numel is None else min_numel)
+def _cpu_fast(x: Tensor, min_numel: int) -> bool:
+    return x.device.type == "cpu" and x.numel() >= min_numel
 
 
-def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
-    """Keep each element with probability ``1 - p`` and multiply kept ones by ``scale``."""
-    if triton_kernels is not None and _on_triton(x, p, scale, inplace):
-        return triton_kernels.dropout(x, p, inverted=scale != 1.0)
-    if _cpu_fast(x):
-        return cpu.dropout(x, p, scale, inplace)
-    return reference.dropout(x, p, scale, inplace)
+def dropout(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
+    """Keep each element with probability ``1 - p``; kept ones are scaled by ``1 / (1 - p)``
+    (``inverted``) or left as they are.
+
+    Example:
+        >>> y = dropout(torch.ones(3, 5), torch.tensor(0.75))
+        >>> bool(((y == 0) | (y == 4)).all())
+        True
+    """
+    return _bernoulli(x, p, inverted, inplace, channels=False)
 
 
-def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
-    """Keep each (sample, channel) of a batched (N, C, *spatial) input w.p. ``1 - p``."""
-    if triton_kernels is not None and _on_triton(x, p, scale, inplace):
-        return triton_kernels.channel_dropout(x, p, inverted=scale != 1.0)
-    if _cpu_fast(x, CPU_MIN_NUMEL_CHANNELS):
-        return cpu.channel_dropout(x, p, scale, inplace)
-    return reference.channel_dropout(x, p, scale, inplace)
+def channel_dropout(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
+    """Keep each (sample, channel) of a batched (N, C, *spatial) input w.p. ``1 - p``.
+
+    Example:
+        >>> y = channel_dropout(torch.ones(2, 3, 4), 0.5)
+        >>> bool((y.amax(dim=2) == y.amin(dim=2)).all())
+        True
+    """
+    return _bernoulli(x, p, inverted, inplace, channels=True)
 
 
-def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
-    """Multiply ``x`` elementwise by independent N(1, sigma^2) noise."""
-    if triton_kernels is not None and _on_triton(x, 0.0, 1.0, False):
+def _bernoulli(x: Tensor, p: float | Tensor, inverted: bool, inplace: bool, channels: bool) -> Tensor:
+    if triton_kernels is not None and not inplace and _fits_triton(x):
+        on_triton = triton_kernels.channel_dropout if channels else triton_kernels.dropout
+        return on_triton(x, p, inverted)
+    if not isinstance(p, Tensor) and _cpu_fast(x, CPU_MIN_NUMEL_CHANNELS if channels else CPU_MIN_NUMEL):
+        on_cpu = cpu.channel_dropout if channels else cpu.dropout
+        return on_cpu(x, p, reference.keep_scale(p, inverted), inplace)
+    exact = reference.channel_dropout if channels else reference.dropout
+    return exact(x, p, inverted, inplace)
+
+
+def gaussian_dropout(x: Tensor, p: float | Tensor) -> Tensor:
+    """Multiply ``x`` elementwise by independent N(1, p / (1 - p)) noise; zeros at a tensor p = 1.
+
+    Example:
+        >>> gaussian_dropout(torch.ones(3), torch.tensor(1.0)).tolist()
+        [0.0, 0.0, 0.0]
+    """
+    if isinstance(p, Tensor):
+        # An infinite noise level at p = 1, which the kernels turn into exact zeros.
+        sigma: float | Tensor = torch.where(p < 1.0, p / (1.0 - p), math.inf).sqrt()
+    else:
+        sigma = math.sqrt(p / (1.0 - p))
+    if triton_kernels is not None and _fits_triton(x):
         return triton_kernels.gaussian_dropout(x, sigma)
-    if _cpu_fast(x, CPU_MIN_NUMEL_GAUSSIAN):
+    if not isinstance(sigma, Tensor) and _cpu_fast(x, CPU_MIN_NUMEL_GAUSSIAN):
         return cpu.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
-
-
-def dropout_with_p_tensor(x: Tensor, p: Tensor, inverted: bool, channel_dims: int = 0) -> Tensor | None:
-    """Training-mode dropout of ``x`` with ``p`` a 0-d tensor, on a kernel that keeps no mask.
-
-    For compiled layers: p stays on the device (any value in [0, 1], never read on the
-    host), so a new p recompiles nothing. None where no such kernel exists for ``x``: the
-    caller then computes it itself.
-
-    Args:
-        x: the input.
-        p: 0-d tensor, the drop probability.
-        inverted: scale kept entries by ``1 / (1 - p)``.
-        channel_dims: 0 for element dropout, 2 for channels of a batched ``(N, C, *)``
-            input, 1 for channels of an unbatched ``(C, *)`` one.
-
-    Example:
-        >>> dropout_with_p_tensor(torch.ones(3), torch.tensor(0.5), True) is None  # CPU
-        True
-    """
-    if triton_kernels is None or not _fits_triton(x):
-        return None
-    if channel_dims == 0:
-        return triton_kernels.dropout(x, p, inverted)
-    if channel_dims == 1:
-        return triton_kernels.channel_dropout(x.unsqueeze(0), p, inverted).squeeze(0)
-    return triton_kernels.channel_dropout(x, p, inverted)
-
-
-def gaussian_dropout_with_p_tensor(x: Tensor, p: Tensor) -> Tensor | None:
-    """N(1, p / (1 - p)) noise with ``p`` a 0-d tensor (zeros at p = 1), or None.
-
-    The counterpart of :func:`dropout_with_p_tensor` for Gaussian dropout.
-
-    Example:
-        >>> gaussian_dropout_with_p_tensor(torch.ones(3), torch.tensor(0.5)) is None  # CPU
-        True
-    """
-    if triton_kernels is None or not _fits_triton(x):
-        return None
-    # An infinite noise level at p = 1, which the kernel turns into exact zeros.
-    sigma = torch.where(p < 1.0, p / (1.0 - p), math.inf).sqrt()
-    return triton_kernels.gaussian_dropout(x, sigma)
 
 
 def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:

@@ -13,7 +13,7 @@ counters ``((g * O + o) * tiles + t) * K_TILE / 8 + c``; entry ``i = t * K_TILE 
 takes the 16-bit half ``k % 2`` (low first) of lane ``k // 2``: eight entries per Philox
 call. The weight is dropped when the 32-bit number whose high half is that draw and whose
 low half is the same half of the same counter in a second Philox stream is below
-``p * 2**32``, the threshold of the element kernels: the rate is p to 2**-32. The second
+``p * 2**32``, the threshold of the element kernels: weights are dropped at p to 2**-32. The second
 stream is computed only for a tile where some draw equals the threshold's high half (a
 2**-16 chance per entry), so the mask costs half the Philox calls of one 32-bit draw per
 entry.
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_dropout.kernels.triton_dropout import _keep_rule, as_rate, draw_seed
+from lightning_dropout.kernels.triton_dropout import as_device_scalar, draw_seed, keep_rule
 
 __all__ = ["drop_connect_linear", "materialize_masks"]
 
@@ -88,7 +88,7 @@ def _kept(seed, group, out, tile, out_features, tiles, rule, OUT_TILE, K_TILE):
 def _keep_rule_halves(p_ptr):
     # The element kernels' 32-bit threshold as (high half, low half, anything kept), and
     # the scale of kept weights.
-    limit, any_kept, scale = _keep_rule(p_ptr, True)
+    limit, any_kept, scale = keep_rule(p_ptr, True)
     return (limit >> 16, limit & 0xFFFF, any_kept), scale
 
 
@@ -398,7 +398,7 @@ def drop_connect_linear(
     rows_per_mask = x[0].numel() // x.shape[-1] * (batch // groups) if x.numel() else 1
     seed = draw_seed(x.device) if seed is None else seed
     flat = x.reshape(-1, x.shape[-1])
-    out = _linear_op(flat, weight, bias, seed, as_rate(p, x.device), max(rows_per_mask, 1))
+    out = _linear_op(flat, weight, bias, seed, as_device_scalar(p, x.device), max(rows_per_mask, 1))
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -430,6 +430,6 @@ def materialize_masks(
     masks = torch.empty((groups, out_features, in_features), dtype=dtype, device=seed.device)
     if masks.numel():
         grid = (groups, triton.cdiv(out_features, OUT_TILE), triton.cdiv(in_features, K_TILE))
-        rate = as_rate(p, seed.device)
-        _mask_kernel[grid](masks, seed, rate, out_features, in_features, OUT_TILE=OUT_TILE, K_TILE=K_TILE)
+        p_scalar = as_device_scalar(p, seed.device)
+        _mask_kernel[grid](masks, seed, p_scalar, out_features, in_features, OUT_TILE=OUT_TILE, K_TILE=K_TILE)
     return masks

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["as_rate", "channel_dropout", "draw_seed", "dropout", "gaussian_dropout"]
+__all__ = ["as_device_scalar", "channel_dropout", "draw_seed", "dropout", "gaussian_dropout"]
 
 BLOCK = 4096
 CHANNEL_TILE = 4096
@@ -53,14 +53,14 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(2**62, (), dtype=torch.int64, device=device)
 
 
-def as_rate(value: float | Tensor, device: torch.device) -> Tensor:
-    """``value`` (a probability or a noise level) as the 0-d float64 tensor the ops take.
+def as_device_scalar(value: float | Tensor, device: torch.device) -> Tensor:
+    """``value`` (p, or the noise level sigma) as the 0-d float64 device tensor the ops take.
 
     A tensor is moved, not copied, when it already fits; a float becomes a device-side
     tensor without a host-to-device copy or a sync.
 
     Example:
-        >>> as_rate(0.25, torch.device("cpu"))
+        >>> as_device_scalar(0.25, torch.device("cpu"))
         tensor(0.2500, dtype=torch.float64)
     """
     if isinstance(value, Tensor):
@@ -71,9 +71,10 @@ def as_rate(value: float | Tensor, device: torch.device) -> Tensor:
 
 
 @triton.jit
-def _keep_rule(p_ptr, INVERTED: tl.constexpr):
+def keep_rule(p_ptr, INVERTED: tl.constexpr):
     # Drop a 32-bit draw r when r < p * 2**32 (float64: exact to 2**-32 for any p); p = 1
-    # drops everything, which no 32-bit threshold can express.
+    # drops everything, which no 32-bit threshold can express. The DropConnect kernels
+    # apply the same rule.
     p = tl.load(p_ptr).to(tl.float64)
     limit = tl.minimum(p * 4294967296.0, 4294967295.0).to(tl.uint32)
     if INVERTED:  # noqa: SIM108 (a static branch of the compiled kernel)
@@ -92,7 +93,7 @@ def _interleave(r0, r1, r2, r3, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dropout_kernel(x_ptr, y_ptr, seed_ptr, p_ptr, n, INVERTED: tl.constexpr, BLOCK: tl.constexpr):
-    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    limit, any_kept, scale = keep_rule(p_ptr, INVERTED)
     program = tl.program_id(0).to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), program * (BLOCK // 4) + tl.arange(0, BLOCK // 4))
     keep = tl.where(any_kept, _interleave(r0, r1, r2, r3, BLOCK) >= limit, False)
@@ -134,7 +135,7 @@ def _channel_kernel(
 ):
     # x is (N * C, spatial) in memory. One Philox call per row of the tile, not per
     # element: the mask of row n * C + c is lane 0 of counter n * C + c.
-    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    limit, any_kept, scale = keep_rule(p_ptr, INVERTED)
     program = tl.program_id(0).to(tl.int64)
     col_blocks = tl.cdiv(row_size, COLS)
     row = (program // col_blocks) * ROWS + tl.arange(0, ROWS)
@@ -161,7 +162,7 @@ def _channel_last_kernel(
 ):
     # x is (N, spatial, C) in memory (channels-last); the same mask as _channel_kernel.
     # A tile stays within one sample, so it needs one Philox call per channel.
-    limit, any_kept, scale = _keep_rule(p_ptr, INVERTED)
+    limit, any_kept, scale = keep_rule(p_ptr, INVERTED)
     program = tl.program_id(0).to(tl.int64)
     channel_blocks = tl.cdiv(channels, CHANNELS)
     pixel_blocks = tl.cdiv(pixels, PIXELS)
@@ -267,7 +268,7 @@ def _(x: Tensor, seed: Tensor, sigma: Tensor) -> Tensor:
 
 
 def _save_seed(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    # The seed and the rate, nothing per element; the output's strides say how the
+    # The seed and p (or sigma), nothing per element; the output's strides say how the
     # incoming gradient must be laid out to meet the same mask.
     ctx.save_for_backward(*inputs[1:3])
     ctx.stride = output.stride()
@@ -313,7 +314,7 @@ def dropout(x: Tensor, p: float | Tensor, inverted: bool = True, seed: Tensor | 
         True
     """
     seed = draw_seed(x.device) if seed is None else seed
-    return _dropout_op(x, seed, as_rate(p, x.device), inverted)
+    return _dropout_op(x, seed, as_device_scalar(p, x.device), inverted)
 
 
 def channel_dropout(
@@ -333,7 +334,7 @@ def channel_dropout(
         True
     """
     seed = draw_seed(x.device) if seed is None else seed
-    return _channel_dropout_op(x, seed, as_rate(p, x.device), inverted)
+    return _channel_dropout_op(x, seed, as_device_scalar(p, x.device), inverted)
 
 
 def gaussian_dropout(x: Tensor, sigma: float | Tensor, seed: Tensor | None = None) -> Tensor:
@@ -350,4 +351,4 @@ def gaussian_dropout(x: Tensor, sigma: float | Tensor, seed: Tensor | None = Non
         [1.0, 1.0, 1.0]
     """
     seed = draw_seed(x.device) if seed is None else seed
-    return _gaussian_op(x, seed, as_rate(sigma, x.device))
+    return _gaussian_op(x, seed, as_device_scalar(sigma, x.device))

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dropout._validation import check_positive, check_positive_int, check_probability
-from lightning_dropout.layers.base import DropProbability, check_floating
-from lightning_dropout.layers.traceable import _draw_dtype
+from lightning_dropout.kernels.reference import draw_dtype
+from lightning_dropout.layers.base import DropProbability
+from lightning_dropout.layers.common import check_floating
 
 
 def _open_probability(value: object) -> float:
@@ -81,7 +82,7 @@ def concrete_dropout(x: Tensor, p_logit: Tensor, temperature: float = 0.1, train
     temperature = check_positive("temperature", temperature)
     if not training:
         return x
-    dtype = _draw_dtype(x)
+    dtype = draw_dtype(x)
     # Logistic noise log u - log(1 - u); u = 0 gives -inf, which only makes z = 0 (kept).
     noise = torch.rand(x.shape, dtype=dtype, device=x.device).logit_()
     logit = p_logit.to(dtype)

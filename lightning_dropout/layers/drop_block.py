@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_bool, check_choice, check_positive_int, check_probability
-from lightning_dropout.layers.base import DropoutBase, check_floating
-from lightning_dropout.layers.dropout import zeros_like_connected
+from lightning_dropout._validation import check_bool, check_choice, check_positive_int
+from lightning_dropout.kernels.reference import keep_scale
+from lightning_dropout.layers.base import DropoutBase
+from lightning_dropout.layers.common import check_floating, check_p, exact_output, p_equals
 
 NORMALIZATIONS = ("kept", "expected")
 
@@ -46,11 +47,11 @@ def _block_shape(x: Tensor, block_size: int) -> tuple[int, int]:
     return min(block_size, x.shape[2]), min(block_size, x.shape[3])
 
 
-def seed_rate(p: float, block: tuple[int, int]) -> float:
+def seed_probability(p: float | Tensor, block: tuple[int, int]) -> float | Tensor:
     """The probability ``gamma`` of a block corner that drops each position with probability ``p``.
 
     Example:
-        >>> gamma = seed_rate(0.1, (7, 7))
+        >>> gamma = seed_probability(0.1, (7, 7))
         >>> round(gamma, 6), round(1 - (1 - gamma) ** 49, 12)
         (0.002148, 0.1)
     """
@@ -76,14 +77,12 @@ def _scaled_keep(minus_keep: Tensor, normalize: str, p: float | Tensor) -> Tenso
         # All dropped (possible below p = 1 on small maps): zeros, not 0 / 0.
         kept = minus_keep.sum(dtype=torch.float32).neg().clamp_min(1.0)
         return minus_keep * (-minus_keep.numel() / kept).to(minus_keep.dtype)
-    if isinstance(p, Tensor):
-        return minus_keep * torch.where(p < 1.0, -1.0 / (1.0 - p), 0.0).to(minus_keep.dtype)
-    return minus_keep * (-1.0 / (1.0 - p))
+    return minus_keep * -keep_scale(p)
 
 
 def drop_block_2d(
     x: Tensor,
-    p: float,
+    p: float | Tensor,
     block_size: int = 7,
     training: bool = True,
     share_channels: bool = False,
@@ -98,7 +97,8 @@ def drop_block_2d(
 
     Args:
         x: floating-point input ``(N, C, H, W)``.
-        p: probability of dropping each position, in [0, 1].
+        p: probability of dropping each position, in [0, 1]: a float or a 0-d tensor (see
+            :mod:`lightning_dropout.layers.common`).
         block_size: the side of the dropped squares, >= 1 (even sizes too); a map smaller
             than the block gets blocks as large as the map.
         training: drop (True) or return ``x`` (False).
@@ -121,40 +121,20 @@ def drop_block_2d(
         1.0
     """
     check_floating(x)
-    p = check_probability("p", p)
+    p = check_p(p)
     block = _block_shape(x, check_positive_int("block_size", block_size))
     share_channels = check_bool("share_channels", share_channels)
     normalize = check_choice("normalize", normalize, NORMALIZATIONS)
-    if not training or p == 0.0:
-        return x
-    if p == 1.0:
-        return zeros_like_connected(x)
-    gamma = seed_rate(p, block)
-    if gamma == 0.0:  # p so small that 1 - p rounds to 1
-        return x
-    # Seeds drawn on the element fast path: -1 (no seed) with probability 1 - gamma, else 0.
-    minus_ones = torch.full(_seed_shape(x, block, share_channels), -1.0, dtype=x.dtype, device=x.device)
-    minus_no_seed = kernels.dropout(minus_ones, gamma, 1.0)
-    return x * _scaled_keep(_minus_keep(minus_no_seed, block), normalize, p)
-
-
-def traceable_drop_block_2d(
-    x: Tensor, p: Tensor, block: tuple[int, int], training: bool, share_channels: bool, normalize: str
-) -> Tensor:
-    """:func:`drop_block_2d` with ``p`` a 0-d tensor, for torch.compile (no branch on p).
-
-    Example:
-        >>> x, p = torch.ones(1, 2, 4, 4), torch.tensor(1.0)
-        >>> y = traceable_drop_block_2d(x, p, (2, 2), True, False, "kept")
-        >>> bool((y == 0).all())
-        True
-    """
     if not training:
         return x
-    gamma = 1.0 - (1.0 - p) ** (1.0 / (block[0] * block[1]))
-    # rand is in [0, 1): gamma = 0 draws no seed, gamma = 1 seeds everywhere.
-    seeds = torch.rand(_seed_shape(x, block, share_channels), dtype=torch.float32, device=x.device) < gamma
-    minus_no_seed = torch.where(seeds, 0.0, -1.0).to(x.dtype)
+    if (exact := exact_output(x, p)) is not None:
+        return exact
+    gamma = seed_probability(p, block)
+    if p_equals(gamma, 0.0):  # p so small that 1 - p rounds to 1
+        return x
+    # Seeds drawn on the element path: -1 (no seed) with probability 1 - gamma, else 0.
+    minus_ones = torch.full(_seed_shape(x, block, share_channels), -1.0, dtype=x.dtype, device=x.device)
+    minus_no_seed = kernels.dropout(minus_ones, gamma, inverted=False)
     return x * _scaled_keep(_minus_keep(minus_no_seed, block), normalize, p)
 
 
@@ -201,13 +181,9 @@ class DropBlock2d(DropoutBase):
         self.normalize = check_choice("normalize", normalize, NORMALIZATIONS)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            check_floating(x)
-            block = _block_shape(x, self.block_size)
-            return traceable_drop_block_2d(
-                x, self.p_tensor, block, self.training, self.share_channels, self.normalize
-            )
-        return drop_block_2d(x, self.p, self.block_size, self.training, self.share_channels, self.normalize)
+        return drop_block_2d(
+            x, self.forward_p, self.block_size, self.training, self.share_channels, self.normalize
+        )
 
     def extra_repr(self) -> str:
         extra = ", share_channels=True" if self.share_channels else ""

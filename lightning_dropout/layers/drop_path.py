@@ -19,9 +19,14 @@ import torch
 from torch import Tensor
 
 from lightning_dropout._validation import check_bool, check_positive_int, check_probability
-from lightning_dropout.layers._masks import scaled_keep_mask
-from lightning_dropout.layers.base import DropoutBase, check_floating
-from lightning_dropout.layers.dropout import zeros_like_connected
+from lightning_dropout.layers.base import DropoutBase
+from lightning_dropout.layers.common import (
+    check_floating,
+    check_p,
+    evaluation_output,
+    exact_output,
+    scaled_keep_mask,
+)
 
 
 def _per_sample_shape(x: Tensor) -> tuple[int, ...]:
@@ -31,7 +36,7 @@ def _per_sample_shape(x: Tensor) -> tuple[int, ...]:
     return (x.shape[0], *[1] * (x.dim() - 1))
 
 
-def drop_path(x: Tensor, p: float, training: bool = True, inverted: bool = True) -> Tensor:
+def drop_path(x: Tensor, p: float | Tensor, training: bool = True, inverted: bool = True) -> Tensor:
     """Zero whole samples (dim 0) of ``x`` independently with probability ``p``.
 
     Inverted (default): kept samples are scaled by ``1 / (1 - p)`` in training and the
@@ -41,7 +46,8 @@ def drop_path(x: Tensor, p: float, training: bool = True, inverted: bool = True)
 
     Args:
         x: floating-point input whose dim 0 is the batch (a residual branch's output).
-        p: probability of dropping a sample, in [0, 1].
+        p: probability of dropping a sample, in [0, 1]: a float or a 0-d tensor (see
+            :mod:`lightning_dropout.layers.common`).
         training: draw a mask (True) or apply the evaluation rule (False).
         inverted: scale at training time (True) or at evaluation time (False).
 
@@ -55,14 +61,12 @@ def drop_path(x: Tensor, p: float, training: bool = True, inverted: bool = True)
         (True, True)
     """
     check_floating(x)
-    p = check_probability("p", p)
+    p = check_p(p)
     shape = _per_sample_shape(x)
     if not training:
-        return x if inverted or p == 0.0 else x * (1.0 - p)
-    if p == 0.0:
-        return x
-    if p == 1.0:
-        return zeros_like_connected(x)
+        return evaluation_output(x, p, inverted)
+    if (exact := exact_output(x, p)) is not None:
+        return exact
     return x * scaled_keep_mask(shape, p, x, inverted)
 
 
@@ -183,12 +187,7 @@ class DropPath(DropoutBase):
         self.inverted = check_bool("inverted", inverted)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            check_floating(x)
-            if not self.training:
-                return x if self.inverted else x * (1.0 - self.p_tensor).to(x.dtype)
-            return x * scaled_keep_mask(_per_sample_shape(x), self.p_tensor, x, self.inverted)
-        return drop_path(x, self.p, self.training, self.inverted)
+        return drop_path(x, self.forward_p, self.training, self.inverted)
 
     def residual(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
         """``x + self(branch(x))`` with ``branch`` computed only for the kept samples.

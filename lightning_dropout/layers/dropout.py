@@ -4,28 +4,17 @@ from Overfitting", JMLR 2014), in its inverted and original variants.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_bool, check_probability
-from lightning_dropout.layers.base import DropoutBase, check_floating
-from lightning_dropout.layers.traceable import traceable_dropout
-
-
-def zeros_like_connected(x: Tensor, inplace: bool = False) -> Tensor:
-    """Exact zeros shaped like ``x`` that stay in the autograd graph with a 0 gradient.
-
-    ``x * 0`` would give NaN for infinite entries; ``torch.where`` does not.
-    """
-    if inplace:
-        return x.zero_()
-    return torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x, 0.0)
+from lightning_dropout._validation import check_bool
+from lightning_dropout.layers.base import DropoutBase
+from lightning_dropout.layers.common import check_floating, check_p, evaluation_output, exact_output
 
 
 def dropout(
     x: Tensor,
-    p: float = 0.5,
+    p: float | Tensor = 0.5,
     training: bool = True,
     inverted: bool = True,
     inplace: bool = False,
@@ -39,7 +28,8 @@ def dropout(
 
     Args:
         x: floating-point input of any shape.
-        p: drop probability in [0, 1].
+        p: drop probability in [0, 1]: a float, or a 0-d tensor (as compiled layers pass
+            it; see :mod:`lightning_dropout.layers.common`).
         training: draw a mask (True) or apply the evaluation rule (False).
         inverted: scale at training time (True) or at evaluation time (False).
         inplace: overwrite ``x``.
@@ -55,17 +45,12 @@ def dropout(
         True
     """
     check_floating(x)
-    p = check_probability("p", p)
+    p = check_p(p)
     if not training:
-        if inverted or p == 0.0:
-            return x
-        return x.mul_(1.0 - p) if inplace else x * (1.0 - p)
-    if p == 0.0:
-        return x
-    if p == 1.0:
-        return zeros_like_connected(x, inplace)
-    scale = 1.0 / (1.0 - p) if inverted else 1.0
-    return kernels.dropout(x, p, scale, inplace)
+        return evaluation_output(x, p, inverted, inplace)
+    if (exact := exact_output(x, p, inplace)) is not None:
+        return exact
+    return kernels.dropout(x, p, inverted, inplace)
 
 
 class Dropout(DropoutBase):
@@ -100,10 +85,7 @@ class Dropout(DropoutBase):
         self.inverted = check_bool("inverted", inverted)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            check_floating(x)
-            return traceable_dropout(x, self.p_tensor, self.training, self.inverted, self.inplace)
-        return dropout(x, self.p, self.training, self.inverted, self.inplace)
+        return dropout(x, self.forward_p, self.training, self.inverted, self.inplace)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}, inverted={self.inverted}"

@@ -14,17 +14,13 @@ lets ``F.embedding`` keep its own options: ``padding_idx`` (no gradient to that 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dropout._validation import check_positive_int, check_probability
-from lightning_dropout.layers._masks import scaled_keep_mask
-from lightning_dropout.layers.base import DropProbability
-from lightning_dropout.layers.dropout import zeros_like_connected
-from lightning_dropout.layers.weight_drop import _add_wrapper_prefix, _strip_wrapper_prefix
+from lightning_dropout._validation import check_positive_int
+from lightning_dropout.layers.base import WeightMaskLayer, keep_wrapped_state_dict_keys
+from lightning_dropout.layers.common import check_p, exact_output, scaled_keep_mask
 
 
 def _row_scales(input: Tensor, rows: Tensor) -> Tensor:
@@ -41,7 +37,7 @@ def _row_scales(input: Tensor, rows: Tensor) -> Tensor:
 def embedding_dropout(
     input: Tensor,
     weight: Tensor,
-    p: float,
+    p: float | Tensor,
     training: bool = True,
     *,
     padding_idx: int | None = None,
@@ -58,7 +54,8 @@ def embedding_dropout(
     Args:
         input: integer token indices of any shape.
         weight: the embedding matrix ``(num_embeddings, embedding_dim)``.
-        p: probability of dropping a row (a token of the vocabulary), in [0, 1].
+        p: probability of dropping a row (a token of the vocabulary), in [0, 1]: a float
+            or a 0-d tensor (see :mod:`lightning_dropout.layers.common`).
         training: drop (True) or look up plainly (False).
         padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse: as in ``F.embedding``.
         groups: independent row masks for that many equal groups of dim 0 of ``input``
@@ -77,18 +74,18 @@ def embedding_dropout(
         >>> bool(((y == 0) | (y == 2)).all())
         True
     """
-    p = check_probability("p", p)
+    p = check_p(p)
     groups = check_positive_int("groups", groups)
     out = F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    if not training or p == 0.0:
+    if not training:
         return out
-    if p == 1.0:
-        return zeros_like_connected(out)
+    if (exact := exact_output(out, p)) is not None:
+        return exact
     rows = scaled_keep_mask((groups, weight.shape[0]), p, weight.detach())
     return out * _row_scales(input, rows).unsqueeze(-1)
 
 
-class EmbeddingDropout(DropProbability, nn.Module):
+class EmbeddingDropout(WeightMaskLayer, nn.Module):
     """Wrap an ``nn.Embedding`` so that whole rows of its weight are dropped in training.
 
     Gal and Ghahramani, NeurIPS 2016 (section 4: dropping words); AWD-LSTM's
@@ -100,7 +97,8 @@ class EmbeddingDropout(DropProbability, nn.Module):
     (for tying a decoder to it).
 
     ``mask_groups`` splits dim 0 of the input into that many groups with independent row
-    masks (for Monte-Carlo replicas stacked along the batch, as DropConnect's).
+    masks (for Monte-Carlo replicas stacked along the batch, as DropConnect's: see
+    :class:`~lightning_dropout.layers.WeightMaskLayer`).
 
     Args:
         embedding: the ``nn.Embedding`` to wrap.
@@ -125,12 +123,9 @@ class EmbeddingDropout(DropProbability, nn.Module):
         super().__init__()
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        self._register_p_tensor()
         self.module = embedding
-        self.p = p
-        self.mask_groups = 1
-        self.register_state_dict_post_hook(_strip_wrapper_prefix)
-        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+        self._init_weight_mask(p)
+        keep_wrapped_state_dict_keys(self)
 
     @property
     def embedding(self) -> nn.Embedding:
@@ -144,20 +139,18 @@ class EmbeddingDropout(DropProbability, nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         e = self.embedding
-        options: dict[str, Any] = {
-            "padding_idx": e.padding_idx,
-            "max_norm": e.max_norm,
-            "norm_type": e.norm_type,
-            "scale_grad_by_freq": e.scale_grad_by_freq,
-            "sparse": e.sparse,
-        }
-        if torch.compiler.is_compiling():
-            out = F.embedding(input, e.weight, **options)
-            if not self.training:
-                return out
-            rows = scaled_keep_mask((self.mask_groups, e.num_embeddings), self.p_tensor, e.weight.detach())
-            return out * _row_scales(input, rows).unsqueeze(-1)
-        return embedding_dropout(input, e.weight, self.p, self.training, groups=self.mask_groups, **options)
+        return embedding_dropout(
+            input,
+            e.weight,
+            self.forward_p,
+            self.training,
+            padding_idx=e.padding_idx,
+            max_norm=e.max_norm,
+            norm_type=e.norm_type,
+            scale_grad_by_freq=e.scale_grad_by_freq,
+            sparse=e.sparse,
+            groups=self.mask_groups,
+        )
 
     def drop_counts(self, input: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """``(dropped, observed)`` rows of one forward, for the realised drop rate: the

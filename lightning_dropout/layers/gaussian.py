@@ -5,19 +5,14 @@ the same mean and variance as inverted Bernoulli dropout's ``mask / (1 - p)``.
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_probability
-from lightning_dropout.layers.base import DropoutBase, check_floating
-from lightning_dropout.layers.dropout import zeros_like_connected
-from lightning_dropout.layers.traceable import traceable_gaussian_dropout
+from lightning_dropout.layers.base import DropoutBase
+from lightning_dropout.layers.common import check_floating, check_p, exact_output
 
 
-def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+def gaussian_dropout(x: Tensor, p: float | Tensor = 0.5, training: bool = True) -> Tensor:
     """Multiply ``x`` by independent N(1, p / (1 - p)) noise in training.
 
     The identity when not training or when ``p = 0``. ``p = 1`` (infinite variance) is
@@ -25,7 +20,8 @@ def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor
 
     Args:
         x: floating-point input of any shape.
-        p: the drop probability of the Bernoulli dropout this one matches, in [0, 1].
+        p: the drop probability of the Bernoulli dropout this one matches, in [0, 1]: a
+            float or a 0-d tensor (see :mod:`lightning_dropout.layers.common`).
         training: add noise (True) or return ``x`` (False).
 
     Raises:
@@ -39,12 +35,12 @@ def gaussian_dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor
         (1.0, 1.0)
     """
     check_floating(x)
-    p = check_probability("p", p)
-    if not training or p == 0.0:
+    p = check_p(p)
+    if not training:
         return x
-    if p == 1.0:
-        return zeros_like_connected(x)
-    return kernels.gaussian_dropout(x, math.sqrt(p / (1.0 - p)))
+    if (exact := exact_output(x, p)) is not None:
+        return exact
+    return kernels.gaussian_dropout(x, p)
 
 
 class GaussianDropout(DropoutBase):
@@ -70,7 +66,4 @@ class GaussianDropout(DropoutBase):
     site_kind = "gaussian"
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            check_floating(x)
-            return traceable_gaussian_dropout(x, self.p_tensor, self.training)
-        return gaussian_dropout(x, self.p, self.training)
+        return gaussian_dropout(x, self.forward_p, self.training)

@@ -16,10 +16,15 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from lightning_dropout._validation import check_bool, check_probability
-from lightning_dropout.layers._masks import scaled_keep_mask
-from lightning_dropout.layers.base import DropoutBase, check_floating
-from lightning_dropout.layers.dropout import zeros_like_connected
+from lightning_dropout._validation import check_bool
+from lightning_dropout.layers.base import DropoutBase
+from lightning_dropout.layers.common import (
+    check_floating,
+    check_p,
+    p_equals,
+    scaled_keep_mask,
+    zeros_like_connected,
+)
 
 Sequences = Tensor | PackedSequence
 
@@ -53,7 +58,9 @@ def _check_input(x: Sequences) -> Tensor:
     return data
 
 
-def locked_dropout(x: Sequences, p: float, training: bool = True, batch_first: bool = True) -> Sequences:
+def locked_dropout(
+    x: Sequences, p: float | Tensor, training: bool = True, batch_first: bool = True
+) -> Sequences:
     """Drop features of whole sequences: one mask per sequence, shared across time steps.
 
     The identity when not training or when ``p = 0``; exact zeros at ``p = 1``. Kept
@@ -62,7 +69,8 @@ def locked_dropout(x: Sequences, p: float, training: bool = True, batch_first: b
     Args:
         x: ``(batch, time, features)``, ``(time, batch, features)`` with
             ``batch_first=False``, or a ``PackedSequence`` (one mask per packed sequence).
-        p: probability of dropping a feature of a sequence, in [0, 1].
+        p: probability of dropping a feature of a sequence, in [0, 1]: a float or a 0-d
+            tensor (see :mod:`lightning_dropout.layers.common`).
         training: drop (True) or return ``x`` (False).
         batch_first: whether dim 0 of a tensor input is the batch (True) or time (False).
 
@@ -78,11 +86,11 @@ def locked_dropout(x: Sequences, p: float, training: bool = True, batch_first: b
         True
     """
     data = _check_input(x)
-    p = check_probability("p", p)
+    p = check_p(p)
     check_bool("batch_first", batch_first)
-    if not training or p == 0.0:
+    if not training or p_equals(p, 0.0):
         return x
-    if p == 1.0:
+    if p_equals(p, 1.0):
         zeros = zeros_like_connected(data)
         return x._replace(data=zeros) if isinstance(x, PackedSequence) else zeros
     return _locked(x, p, batch_first)
@@ -120,10 +128,7 @@ class LockedDropout(DropoutBase):
         self.batch_first = check_bool("batch_first", batch_first)
 
     def forward(self, x: Sequences) -> Sequences:
-        if torch.compiler.is_compiling():
-            _check_input(x)
-            return _locked(x, self.p_tensor, self.batch_first) if self.training else x
-        return locked_dropout(x, self.p, self.training, self.batch_first)
+        return locked_dropout(x, self.forward_p, self.training, self.batch_first)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, batch_first={self.batch_first}"

@@ -15,14 +15,12 @@ or use :class:`Dropout1d` for the former.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_bool, check_probability
-from lightning_dropout.layers.base import DropoutBase, check_floating
-from lightning_dropout.layers.dropout import zeros_like_connected
-from lightning_dropout.layers.traceable import traceable_dropout
+from lightning_dropout._validation import check_bool
+from lightning_dropout.layers.base import DropoutBase
+from lightning_dropout.layers.common import check_floating, check_p, evaluation_output, exact_output
 
 
 def _is_batched(x: Tensor, spatial_dims: int, batched: bool | None) -> bool:
@@ -53,7 +51,7 @@ def _is_batched(x: Tensor, spatial_dims: int, batched: bool | None) -> bool:
 
 def channel_dropout(
     x: Tensor,
-    p: float = 0.5,
+    p: float | Tensor = 0.5,
     training: bool = True,
     spatial_dims: int = 2,
     inverted: bool = True,
@@ -64,7 +62,8 @@ def channel_dropout(
 
     Args:
         x: floating-point input ``(N, C, *spatial)`` or unbatched ``(C, *spatial)``.
-        p: drop probability in [0, 1].
+        p: drop probability in [0, 1], a float or a 0-d tensor (see
+            :mod:`lightning_dropout.layers.common`).
         training: draw a mask (True) or apply the evaluation rule (False).
         spatial_dims: 1, 2 or 3 spatial dimensions after the channel dimension.
         inverted: scale kept channels by ``1 / (1 - p)`` in training (True) or scale by
@@ -88,23 +87,21 @@ def channel_dropout(
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     check_floating(x)
-    p = check_probability("p", p)
+    p = check_p(p)
     is_batched = _is_batched(x, spatial_dims, batched)
     if not training:
-        if inverted or p == 0.0:
-            return x
-        return x.mul_(1.0 - p) if inplace else x * (1.0 - p)
-    if p == 0.0:
-        return x
-    if p == 1.0:
-        return zeros_like_connected(x, inplace)
-    scale = 1.0 / (1.0 - p) if inverted else 1.0
+        return evaluation_output(x, p, inverted, inplace)
+    if (exact := exact_output(x, p, inplace)) is not None:
+        return exact
     if is_batched:
-        return kernels.channel_dropout(x, p, scale, inplace)
-    return kernels.channel_dropout(x.unsqueeze(0), p, scale, inplace).squeeze(0)
+        return kernels.channel_dropout(x, p, inverted, inplace)
+    return kernels.channel_dropout(x.unsqueeze(0), p, inverted, inplace).squeeze(0)
 
 
-class _ChannelDropout(DropoutBase):
+class ChannelDropout(DropoutBase):
+    """Base of :class:`Dropout1d`, :class:`Dropout2d` and :class:`Dropout3d`, which set
+    ``spatial_dims``; arguments as :class:`Dropout2d`."""
+
     site_kind = "channel"
     spatial_dims: int
 
@@ -123,22 +120,28 @@ class _ChannelDropout(DropoutBase):
         self.batched = batched
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            check_floating(x)
-            channel_dims = 2 if _is_batched(x, self.spatial_dims, self.batched) else 1
-            return traceable_dropout(
-                x, self.p_tensor, self.training, self.inverted, self.inplace, channel_dims
-            )
         return channel_dropout(
-            x, self.p, self.training, self.spatial_dims, self.inverted, self.inplace, self.batched
+            x, self.forward_p, self.training, self.spatial_dims, self.inverted, self.inplace, self.batched
         )
+
+    def as_batched(self, x: Tensor) -> Tensor:
+        """``x`` as this layer reads it, ``(N, C, *spatial)``: an unbatched input as a batch of one.
+
+        Raises:
+            ValueError: a shape that does not fit, or is ambiguous (as in ``forward``).
+
+        Example:
+            >>> Dropout2d(batched=False).as_batched(torch.ones(3, 4, 4)).shape
+            torch.Size([1, 3, 4, 4])
+        """
+        return x if _is_batched(x, self.spatial_dims, self.batched) else x.unsqueeze(0)
 
     def extra_repr(self) -> str:
         extra = "" if self.batched is None else f", batched={self.batched}"
         return f"p={self.p}, inplace={self.inplace}, inverted={self.inverted}{extra}"
 
 
-class Dropout1d(_ChannelDropout):
+class Dropout1d(ChannelDropout):
     """Drop whole channels of ``(N, C, L)`` (or unbatched ``(C, L)``) inputs.
 
     SpatialDropout for sequences (Tompson et al., CVPR 2015). Arguments as
@@ -153,7 +156,7 @@ class Dropout1d(_ChannelDropout):
     spatial_dims = 1
 
 
-class Dropout2d(_ChannelDropout):
+class Dropout2d(ChannelDropout):
     """Drop whole channels of ``(N, C, H, W)`` inputs (SpatialDropout, Tompson et al. 2015).
 
     Args:
@@ -178,7 +181,7 @@ class Dropout2d(_ChannelDropout):
     spatial_dims = 2
 
 
-class Dropout3d(_ChannelDropout):
+class Dropout3d(ChannelDropout):
     """Drop whole channels of ``(N, C, D, H, W)`` (or unbatched ``(C, D, H, W)``) inputs.
 
     SpatialDropout for volumes (Tompson et al., CVPR 2015). Arguments as

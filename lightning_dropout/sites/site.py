@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from lightning_dropout._validation import check_probability
+from lightning_dropout.layers import DropProbability
 
 #: What a site drops. ``dropout``: elements; ``channel``: whole channels (SpatialDropout);
 #: ``alpha``: alpha dropout (drops to a constant, not zero); ``gaussian``: multiplicative
@@ -95,7 +96,7 @@ class DropoutSite:
     @property
     def learned(self) -> bool:
         """Whether the rate is a trained parameter (ConcreteDropout): not to be set from outside."""
-        return bool(getattr(self.holder, "learned_p", False))
+        return isinstance(self.holder, DropProbability) and self.holder.learned_p
 
     @property
     def p(self) -> float | None:

@@ -141,7 +141,6 @@ def test_p_is_mutable_and_validated() -> None:
         ("0.5", TypeError),
         (True, TypeError),
         (None, TypeError),
-        (torch.tensor(0.5), TypeError),
     ],
 )
 def test_bad_p_is_refused_naming_the_argument(p: object, error: type[Exception]) -> None:
@@ -149,6 +148,21 @@ def test_bad_p_is_refused_naming_the_argument(p: object, error: type[Exception])
         Dropout(p)  # type: ignore[arg-type]
     with pytest.raises(error, match="p must be"):
         dropout(torch.ones(2), p)  # type: ignore[arg-type]
+
+
+def test_a_layers_p_is_a_float_and_a_functions_p_a_float_or_a_0d_tensor() -> None:
+    """A layer's p is a float (a tensor would move the mask draw to its device and make
+    each comparison a sync); the function also takes the 0-d tensor compiled layers pass,
+    without reading its value."""
+    with pytest.raises(TypeError, match="p must be"):
+        Dropout(torch.tensor(0.5))  # type: ignore[arg-type]
+    y = dropout(torch.ones(1000), torch.tensor(0.75, dtype=torch.float64))
+    assert set(y.unique().tolist()) == {0.0, 4.0}
+    assert torch.equal(dropout(torch.ones(3), torch.tensor(1.0)), torch.zeros(3))
+    with pytest.raises(ValueError, match="p must be a 0-d tensor"):
+        dropout(torch.ones(2), torch.tensor([0.5]))
+    with pytest.raises(TypeError, match="p must be a floating-point tensor"):
+        dropout(torch.ones(2), torch.tensor(0))
 
 
 def test_bad_flags_and_inputs_are_refused() -> None:

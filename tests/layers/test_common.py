@@ -1,4 +1,5 @@
-"""The layers' compiled form: p read from a tensor, so a changing p does not recompile."""
+"""p as a float or a 0-d tensor (layers/common.py): compiled layers pass p_tensor, so a
+changing p does not recompile."""
 
 from __future__ import annotations
 

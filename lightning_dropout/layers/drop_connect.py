@@ -1,6 +1,9 @@
-"""DropConnect for any module: mask the named weights of a wrapped Linear, ConvNd, RNN,
-LSTM, GRU, or anything else with weight parameters (Wan et al., ICML 2013; used on the
-recurrent weights ``weight_hh_l*`` as AWD-LSTM's "weight drop", Merity et al. 2018).
+"""DropConnect (Wan et al., "Regularization of Neural Networks using DropConnect", ICML
+2013): drop connections (weights) instead of units. :func:`drop_connect` masks a weight;
+:class:`DropConnect` masks the named weights of a wrapped Linear, ConvNd, RNN, LSTM, GRU,
+or anything else with weight parameters (used on the recurrent weights ``weight_hh_l*`` as
+AWD-LSTM's "weight drop", Merity et al. 2018). Layers with the masking built in, per-sample
+masks and Gaussian inference: :mod:`lightning_dropout.layers.drop_connect_layers`.
 
 The wrapped module keeps its real parameters: each training forward computes masked
 copies and runs the module with them through :func:`torch.func.functional_call`, so
@@ -21,20 +24,47 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_dropout.layers.base import DropProbability
-from lightning_dropout.layers.dropconnect import drop_connect
+from lightning_dropout import kernels
+from lightning_dropout.layers.base import WeightMaskLayer, keep_wrapped_state_dict_keys
+from lightning_dropout.layers.common import check_p, exact_output, p_equals
 
-_WRAPPED = "module."
+
+def drop_connect(weight: Tensor, p: float | Tensor = 0.5, training: bool = True) -> Tensor:
+    """Return ``weight`` with each entry dropped w.p. ``p`` and the rest scaled by 1/(1-p).
+
+    One mask for the whole call: the functional form of ``per_sample=False``.
+
+    Args:
+        weight: the weight tensor (gradients flow back to it).
+        p: drop probability in [0, 1]: a float or a 0-d tensor (see
+            :mod:`lightning_dropout.layers.common`).
+        training: mask (True) or return ``weight`` unchanged (False).
+
+    Raises:
+        TypeError: ``p`` is not a number.
+        ValueError: ``p`` is NaN or outside [0, 1].
+
+    Example:
+        >>> w = drop_connect(torch.ones(4, 3), p=0.5)
+        >>> bool(((w == 0) | (w == 2)).all())
+        True
+    """
+    p = check_p(p)
+    if not training:
+        return weight
+    if (exact := exact_output(weight, p)) is not None:
+        return exact
+    return kernels.dropout(weight, p)
 
 
-class DropConnect(DropProbability, nn.Module):
+class DropConnect(WeightMaskLayer, nn.Module):
     """Wrap ``module`` so that its ``names`` weights are dropped in training.
 
     One mask per forward call (for an RNN: the same mask at every time step), inverted
     scaling; the identity wrapper in evaluation. ``mask_groups`` (set by Monte-Carlo
-    inference) splits dimension 0 of the first input into that many groups with
-    independent masks; this needs a module that maps one batch-first tensor to one
-    tensor (Linear, ConvNd).
+    inference, see :class:`~lightning_dropout.layers.WeightMaskLayer`) splits dimension 0
+    of the first input into that many groups with independent masks; this needs a module
+    that maps one batch-first tensor to one tensor (Linear, ConvNd).
 
     Args:
         module: the module whose weights to drop.
@@ -72,29 +102,28 @@ class DropConnect(DropProbability, nn.Module):
                 f"names {unknown} are not parameters of {type(module).__name__}; it has {sorted(available)}"
             )
         self.module = module
-        self.p = p
+        self._init_weight_mask(p)
         self.names = tuple(names)
-        self.mask_groups = 1
-        self.register_state_dict_post_hook(_strip_wrapper_prefix)
-        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+        keep_wrapped_state_dict_keys(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.training or self.p == 0.0:
+        p = self.forward_p
+        if not self.training or p_equals(p, 0.0):
             return self.module(*args, **kwargs)
         if self.mask_groups > 1:
-            return self._grouped_forward(*args, **kwargs)
-        return self._masked_call(args, kwargs)
+            return self._grouped_forward(p, *args, **kwargs)
+        return self._masked_call(p, args, kwargs)
 
-    def _masked_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _masked_call(self, p: float | Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         params = dict(self.module.named_parameters())
-        masked = {n: drop_connect(params[n], self.p) for n in self.names}
+        masked = {n: drop_connect(params[n], p) for n in self.names}
         with warnings.catch_warnings():
             # cuDNN RNNs warn on every call that masked weights are not one contiguous
             # chunk; that is inherent to weight masking and costs one copy, not an error.
             warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
             return functional_call(self.module, masked, args, kwargs)
 
-    def _grouped_forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _grouped_forward(self, p: float | Tensor, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self.module, nn.RNNBase) or not args or not isinstance(args[0], Tensor):
             raise NotImplementedError(
                 f"independent masks per group (mask_groups={self.mask_groups}) need a module "
@@ -105,28 +134,7 @@ class DropConnect(DropProbability, nn.Module):
         chunks = x.chunk(self.mask_groups) if x.shape[0] % self.mask_groups == 0 else None
         if chunks is None or len(chunks) != self.mask_groups:
             raise ValueError(f"batch size {x.shape[0]} is not a multiple of mask_groups {self.mask_groups}")
-        return torch.cat([self._masked_call((c, *rest), kwargs) for c in chunks])
+        return torch.cat([self._masked_call(p, (c, *rest), kwargs) for c in chunks])
 
     def extra_repr(self) -> str:
         return f"p={self.p}, names={list(self.names)}"
-
-
-def _strip_wrapper_prefix(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + _WRAPPED)]:
-        state_dict[prefix + key[len(prefix + _WRAPPED) :]] = state_dict.pop(key)
-
-
-def _add_wrapper_prefix(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _WRAPPED)]:
-        state_dict[prefix + _WRAPPED + key[len(prefix) :]] = state_dict.pop(key)

@@ -1,5 +1,5 @@
-"""DropConnect (Wan et al., "Regularization of Neural Networks using DropConnect",
-ICML 2013): drop connections (weights) instead of units.
+"""Layers with DropConnect built in (Wan et al., "Regularization of Neural Networks using
+DropConnect", ICML 2013): :class:`DropConnectLinear` and ``DropConnectConv1d/2d/3d``.
 
 Training: each weight is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``
 (inverted), so no rescaling is needed at evaluation. ``per_sample=False`` draws one
@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_dropout import kernels
-from lightning_dropout._validation import check_bool, check_choice, check_positive_int, check_probability
-from lightning_dropout.layers.base import DropProbability
-from lightning_dropout.layers.dropout import zeros_like_connected
-from lightning_dropout.layers.traceable import traceable_dropout
+from lightning_dropout._validation import check_bool, check_choice, check_positive_int
+from lightning_dropout.layers.base import WeightMaskLayer
+from lightning_dropout.layers.common import p_equals, zeros_like_connected
+from lightning_dropout.layers.drop_connect import drop_connect
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda x: x,
@@ -49,33 +49,6 @@ DEFAULT_MAX_MASK_BYTES = 64 * 2**20
 
 # (x chunk of shape (c, b, ...), weights of shape (c, *weight.shape), bias) -> (c, b, ...)
 GroupedProduct = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-
-
-def drop_connect(weight: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """Return ``weight`` with each entry dropped w.p. ``p`` and the rest scaled by 1/(1-p).
-
-    One mask for the whole call: the functional form of ``per_sample=False``.
-
-    Args:
-        weight: the weight tensor (gradients flow back to it).
-        p: drop probability in [0, 1].
-        training: mask (True) or return ``weight`` unchanged (False).
-
-    Raises:
-        TypeError: ``p`` is not a number.
-        ValueError: ``p`` is NaN or outside [0, 1].
-
-    Example:
-        >>> w = drop_connect(torch.ones(4, 3), p=0.5)
-        >>> bool(((w == 0) | (w == 2)).all())
-        True
-    """
-    p = check_probability("p", p)
-    if not training or p == 0.0:
-        return weight
-    if p == 1.0:
-        return zeros_like_connected(weight)
-    return kernels.dropout(weight, p, 1.0 / (1.0 - p))
 
 
 def resolve_activation(activation: str | nn.Module | None) -> Callable[[Tensor], Tensor]:
@@ -166,12 +139,12 @@ def grouped_drop_connect(
     return result.reshape(batch, *result.shape[2:])
 
 
-class DropConnectLayer(DropProbability):
+class DropConnectLayer(WeightMaskLayer):
     """The DropConnect behaviour shared by :class:`DropConnectLinear` and the convolutions.
 
     ``mask_groups`` (default 1) splits the batch into that many equal groups with
-    independent masks; Monte-Carlo inference sets it so that replicas of an input stacked
-    along the batch get independent masks. ``per_sample=True`` overrides it.
+    independent masks (see :class:`~lightning_dropout.layers.WeightMaskLayer`);
+    ``per_sample=True`` overrides it.
     """
 
     site_kind = "dropconnect"
@@ -188,8 +161,7 @@ class DropConnectLayer(DropProbability):
         n_samples: int,
         max_mask_bytes: int,
     ) -> None:
-        self._register_p_tensor()
-        self.p = p
+        self._init_weight_mask(p)
         self.per_sample = check_bool("per_sample", per_sample)
         self.inference = inference
         resolve_activation(activation)  # refuse a bad one now, not at the first forward
@@ -197,7 +169,6 @@ class DropConnectLayer(DropProbability):
         self.activation = activation
         self.n_samples = check_positive_int("n_samples", n_samples)
         self.max_mask_bytes = check_positive_int("max_mask_bytes", max_mask_bytes)
-        self.mask_groups = 1
 
     @property
     def inference(self) -> str:
@@ -208,6 +179,12 @@ class DropConnectLayer(DropProbability):
     def inference(self, value: str) -> None:
         self._inference = check_choice("inference", value, INFERENCE_MODES)
 
+    def _group_attributes(self, groups: int) -> dict[str, Any]:
+        return {} if self.per_sample else super()._group_attributes(groups)
+
+    def _one_mask_attributes(self) -> dict[str, Any]:
+        return {**super()._one_mask_attributes(), "per_sample": False}
+
     def _product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
@@ -217,52 +194,44 @@ class DropConnectLayer(DropProbability):
     def _unbatched_dims(self) -> int:
         raise NotImplementedError
 
+    def _fused_grouped_product(self, x: Tensor, p: float | Tensor) -> Tensor | None:
+        """The grouped masked product on a kernel that never stores the masks, or None."""
+        return None
+
     @property
     def _activation(self) -> Callable[[Tensor], Tensor]:
         return resolve_activation(self.activation)
 
-    def _forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and not self.per_sample and self.mask_groups == 1:
-            return self._compiled_forward(x)
-        if not self.training or self.p == 0.0:
-            if self.training or self.inference == "mean" or self.p == 0.0:
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            if self.inference == "mean" or self.p == 0.0:
                 return self._activation(self._product(x, self.weight, self.bias))
             return self._gaussian_inference(x)
-        if self.p == 1.0:
-            return self._all_dropped(x)
-        groups = self.mask_groups
-        linear = isinstance(self, nn.Linear)
-        if self.per_sample:
-            unbatched = x.dim() == self._unbatched_dims()
-            if unbatched:
-                x = x.unsqueeze(0)
-            out = grouped_drop_connect(
-                x,
-                self.weight,
-                self.bias,
-                self.p,
-                x.shape[0],
-                self._grouped_product,
-                self.max_mask_bytes,
-                linear,
-            )
-            return self._activation(out.squeeze(0) if unbatched else out)
-        if groups > 1:
-            out = grouped_drop_connect(
-                x, self.weight, self.bias, self.p, groups, self._grouped_product, self.max_mask_bytes, linear
-            )
-            return self._activation(out)
-        return self._activation(self._product(x, drop_connect(self.weight, self.p), self.bias))
-
-    def _compiled_forward(self, x: Tensor) -> Tensor:
-        # p comes from the p_tensor buffer, a graph input: a scheduled p does not recompile.
-        # (Per-sample and grouped masks take the eager path, which reads p as a float.)
-        if self.training:
-            weight = traceable_dropout(self.weight, self.p_tensor, True, True, False)
-            return self._activation(self._product(x, weight, self.bias))
-        if self.inference == "mean":
+        p = self.forward_p
+        grouped = self.per_sample or self.mask_groups > 1
+        if grouped:
+            fused = self._fused_grouped_product(x, p)
+            if fused is not None:
+                return self._activation(fused)
+            p = self.p  # the chunks' masks are drawn from seeds on the host
+        if p_equals(p, 0.0):
             return self._activation(self._product(x, self.weight, self.bias))
-        return self._gaussian_inference(x)
+        if p_equals(p, 1.0):
+            return self._all_dropped(x)
+        if grouped:
+            return self._activation(self._grouped(x, self.p))
+        return self._activation(self._product(x, drop_connect(self.weight, p), self.bias))
+
+    def _grouped(self, x: Tensor, p: float) -> Tensor:
+        unbatched = self.per_sample and x.dim() == self._unbatched_dims()
+        if unbatched:
+            x = x.unsqueeze(0)
+        groups = x.shape[0] if self.per_sample else self.mask_groups
+        linear = isinstance(self, nn.Linear)
+        out = grouped_drop_connect(
+            x, self.weight, self.bias, p, groups, self._grouped_product, self.max_mask_bytes, linear
+        )
+        return out.squeeze(0) if unbatched else out
 
     def _all_dropped(self, x: Tensor) -> Tensor:
         # Every weight dropped: the output is the bias alone, exactly, with zero gradients,
@@ -357,18 +326,13 @@ class DropConnectLinear(DropConnectLayer, nn.Linear):
     def _unbatched_dims(self) -> int:
         return 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _fused_grouped_product(self, x: Tensor, p: float | Tensor) -> Tensor | None:
+        # On CUDA the masks are regenerated inside the products, never stored. Compiled,
+        # p is read from the device (any p in [0, 1], no recompile when it changes).
+        if not isinstance(p, Tensor) and not 0.0 < p < 1.0:
+            return None
         groups = x.shape[0] if self.per_sample and x.dim() > 1 else self.mask_groups
-        if self.training and (self.per_sample or groups > 1):
-            # On CUDA the masks are regenerated inside the products, never stored. Compiled,
-            # p is read from the device (any p in [0, 1], no recompile when it changes).
-            compiling = torch.compiler.is_compiling()
-            if compiling or 0.0 < self.p < 1.0:
-                p = self.p_tensor if compiling else self.p
-                out = kernels.fast_drop_connect_linear(x, self.weight, self.bias, p, groups)
-                if out is not None:
-                    return self._activation(out)
-        return self._forward(x)
+        return kernels.fast_drop_connect_linear(x, self.weight, self.bias, p, groups)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._drop_connect_repr()
@@ -443,9 +407,6 @@ class _DropConnectConvNd(DropConnectLayer):
 
     def _unbatched_dims(self) -> int:
         return self.spatial_dims + 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward(x)
 
     def extra_repr(self) -> str:
         return nn.modules.conv._ConvNd.extra_repr(self) + self._drop_connect_repr()  # type: ignore[arg-type]

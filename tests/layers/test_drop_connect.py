@@ -100,3 +100,23 @@ def test_bad_arguments() -> None:
 
 def test_repr() -> None:
     assert "p=0.3, names=['weight']" in repr(DropConnect(nn.Linear(2, 2), p=0.3))
+
+
+def test_compiled_wrapper_follows_the_new_p_without_recompiling() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    wrapped = DropConnect(nn.Linear(200, 50, bias=False), p=0.0)
+    with torch.no_grad():
+        wrapped.module.weight.fill_(1.0)
+    compiled = torch.compile(wrapped, backend=backend)
+    frames = []
+    for p in (0.0, 0.3, 1.0):
+        wrapped.p = p
+        weight = compiled(torch.eye(200)).T  # the masked, scaled weight
+        n = weight.numel()
+        # 5 sigmas of the binomial fraction of dropped weights
+        assert abs((weight == 0).double().mean().item() - p) <= 5 * (p * (1 - p) / n) ** 0.5
+        frames.append(backend.frame_count)
+    assert frames == frames[:1] * 3  # graphs of the first p, reused for every p

@@ -1,5 +1,6 @@
-"""The new layers under torch.compile: p read from a tensor (or a parameter), so a p that
-changes between steps compiles once, with exact identity at p = 0 and zeros at p = 1."""
+"""The family layers under torch.compile (layers/common.py): p read from a tensor (or a
+parameter), so a p that changes between steps compiles once, with exact identity at p = 0
+and zeros at p = 1."""
 
 from __future__ import annotations
 
