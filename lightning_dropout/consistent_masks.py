@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_dropout.layers import WeightMaskLayer
-from lightning_dropout.random_streams import _generators, _mix
+from lightning_dropout.random_streams import default_generators, mix_seed
 from lightning_dropout.sites import DropoutSite, function_sites
 from lightning_dropout.sites.probe import DROP_CALLS, RunningModules, dropping_p
 
@@ -207,9 +207,9 @@ class ConsistentMasks:
 
     @contextmanager
     def _scope(self, key: int, replica: int, device: torch.device) -> Iterator[None]:
-        generators = _generators([device] if device.type == "cuda" else [])
+        generators = default_generators([device] if device.type == "cuda" else [])
         states = [generator.get_state() for generator in generators]
-        seed = _mix(self.seed, replica, key)
+        seed = mix_seed(self.seed, replica, key)
         self._probing += 1
         try:
             for generator in generators:

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.consistent_masks import ConsistentMasks
 from lightning_dropout.layers import WeightMaskLayer
-from lightning_dropout.random_streams import _generators
+from lightning_dropout.random_streams import default_generators
 from lightning_dropout.sites import DropoutSite, find_sites, select_sites, sites_training
 
 OUTPUT_KINDS = ("logits", "probs", "regression", "gaussian")
@@ -492,7 +492,7 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
         ...     torch.equal(a, torch.rand(2))
         True
     """
-    generators = _generators([device] if device is not None and device.type == "cuda" else [])
+    generators = default_generators([device] if device is not None and device.type == "cuda" else [])
     states = [generator.get_state() for generator in generators]
     try:
         for generator in generators:

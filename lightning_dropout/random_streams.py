@@ -48,7 +48,7 @@ from lightning_dropout.selection import matches_name
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["RankStreams", "ShardedSites", "mesh_ranks", "stream_seed"]
+__all__ = ["RankStreams", "ShardedSites", "default_generators", "mesh_ranks", "mix_seed", "stream_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -84,10 +84,17 @@ def stream_seed(seed: int, rank: int, step: int) -> int:
         raise ValueError(f"rank must be >= 0, got {rank!r}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step!r}")
-    return _mix(seed, rank, step)
+    return mix_seed(seed, rank, step)
 
 
-def _mix(seed: int, *keys: int) -> int:
+def mix_seed(seed: int, *keys: int) -> int:
+    """A 64-bit seed derived from ``seed`` and ``keys`` (SplitMix64 chained over them):
+    nearby inputs give unrelated seeds.
+
+    Example:
+        >>> mix_seed(0, 1) != mix_seed(0, 2) and mix_seed(0, 1) == mix_seed(0, 1)
+        True
+    """
     mixed = _splitmix64(seed & _MASK64)
     for key in keys:
         mixed = _splitmix64(mixed ^ key)
@@ -96,7 +103,8 @@ def _mix(seed: int, *keys: int) -> int:
     return mixed >> 1
 
 
-def _generators(devices: Sequence[torch.device | str]) -> list[torch.Generator]:
+def default_generators(devices: Sequence[torch.device | str]) -> list[torch.Generator]:
+    """torch's global generators: the CPU one and those of ``devices`` (once each)."""
     generators = [_default_generator(torch.device(d)) for d in ("cpu", *devices)]
     # "cuda" and "cuda:0" may name one generator; saving it twice would be harmless but
     # restoring must happen once per generator.
@@ -157,7 +165,7 @@ class RankStreams:
         self.seed = seed
         self.rank = rank
         self.step = step
-        self._generators = _generators(devices)
+        self._generators = default_generators(devices)
         self._saved_states: list[torch.Tensor] | None = None
 
     @property
@@ -314,7 +322,7 @@ class ShardedSites:
             if not any(matches_name(name, pattern) for name in names):
                 raise ValueError(f"pattern {pattern!r} matches no module; the modules are {names[:40]}")
         self.rank = rank
-        self._generators = _generators(devices)
+        self._generators = default_generators(devices)
         self._saved: list[list[torch.Tensor] | None] = []
         self.modules: dict[str, nn.Module] = {}
         for name, submodule in module.named_modules():
@@ -341,7 +349,7 @@ class ShardedSites:
         # replayed by checkpointing; the rank then makes the shards' seeds differ.
         token = int(torch.randint(1 << 62, (), dtype=torch.int64))
         self._saved.append([generator.get_state() for generator in self._generators])
-        seed = _mix(token, self.rank)
+        seed = mix_seed(token, self.rank)
         for generator in self._generators:
             generator.manual_seed(seed)
 
