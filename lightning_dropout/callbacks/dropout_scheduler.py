@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -254,12 +255,14 @@ class DropoutScheduler(DropoutCallback):
             target = rates[group] * share
             if getattr(holder, attribute) != target:
                 setattr(holder, attribute, target)
-        # The trainer's own rule for when to log, as LearningRateMonitor uses it.
-        if trainer.loggers and trainer._logger_connector.should_update_logs:
-            metrics = {f"dropout/{group}/p": p for group, p in rates.items()}
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        # Through the module's public logging: the trainer decides when (log_every_n_steps)
+        # and at which step, for every logger.
+        if trainer.loggers:
+            # float64 tensors: Lightning would store a float as float32 (0.15 -> 0.150000006)
+            metrics = {
+                f"dropout/{group}/p": torch.tensor(p, dtype=torch.float64) for group, p in rates.items()
+            }
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def rates(self, index: int) -> dict[str, float]:
         """The p of every group at ``index`` (a global step or an epoch), by group name.
