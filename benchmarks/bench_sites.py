@@ -7,6 +7,8 @@ in one process, interleaved, medians of ``--repeats`` runs:
   again (cached);
 - training step: a plain forward + backward + SGD step, beside the same step with the work
   ``DropoutScheduler`` adds to every step (its ``on_train_batch_start``);
+- whole fits: Lightning fits without a package callback, with a scheduler, and with
+  ``PerRankDropout`` (what ``DropoutMixin`` adds by default);
 - MC: ``mc_predict`` (30 samples, batched) on timm's ViT whose attention dropout sits inside
   ``scaled_dot_product_attention`` (reached by switching the attention module's flag),
   beside the same model computing attention with its dropout module (``fused_attn=False``),
@@ -127,6 +129,56 @@ def training_step_row(name: str, build: Callable[[], nn.Module], repeats: int) -
     }
 
 
+def bench_fit(repeats: int, steps: int = 300) -> dict[str, Any]:
+    """Whole fits of BERT (2 layers, sdpa; batch 8 x 32 tokens, CSV logger): no package
+    callback, a DropoutScheduler (a new p every step), and PerRankDropout (what
+    DropoutMixin adds by default), interleaved."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_dropout.callbacks import PerRankDropout
+
+    class Wrapped(pl.LightningModule):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).float().pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+    torch.manual_seed(0)
+    batches = [_models.hf_input("bert", 8, 32) for _ in range(steps)]
+    callbacks: dict[str, Callable[[], list[pl.Callback]]] = {
+        "none": list,
+        "scheduler": lambda: [DropoutScheduler(Linear(0.0, 0.2, steps=steps))],
+        "per_rank": lambda: [PerRankDropout()],
+    }
+
+    def fit(name: str) -> None:
+        torch.manual_seed(0)
+        model = Wrapped(_models.Logits(_models.hf_model("bert", "sdpa")))
+        trainer = pl.Trainer(
+            max_steps=steps,
+            logger=CSVLogger(str(RESULTS / ".fit_logs")),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=callbacks[name](),
+        )
+        trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+
+    medians = interleaved({name: lambda n=name: fit(n) for name in callbacks}, repeats)
+    return {
+        "model": f"BERT (2 layers, sdpa), {steps} steps of batch 8 x 32 tokens",
+        **{f"{name}_ms_per_step": medians[name] / steps * 1e3 for name in callbacks},
+        "scheduler_over_none": medians["scheduler"] / medians["none"],
+        "per_rank_over_none": medians["per_rank"] / medians["none"],
+    }
+
+
 def bench_mc(repeats: int, n_samples: int) -> dict[str, Any]:
     torch.manual_seed(0)
     fused = _models.timm_vit(fused_attn=True, attn_drop_rate=0.1, proj_drop_rate=0.1).eval()
@@ -223,6 +275,21 @@ def markdown(env: dict[str, object], results: dict[str, Any]) -> str:
         f"| {r['hook_share_percent']:.2f}% |"
         for r in results["training_step"]
     ]
+    fit = results["fit"]
+    lines += [
+        "",
+        "## Whole fits",
+        "",
+        f"{fit['model']}, CSV logger, medians of interleaved fits:",
+        "",
+        "| callbacks | ms per step | against none |",
+        "|---|---:|---:|",
+        f"| none | {fit['none_ms_per_step']:.2f} | 1.00x |",
+        f"| `DropoutScheduler` (a new p every step) | {fit['scheduler_ms_per_step']:.2f} "
+        f"| {fit['scheduler_over_none']:.3f}x |",
+        f"| `PerRankDropout` (DropoutMixin's default) | {fit['per_rank_ms_per_step']:.2f} "
+        f"| {fit['per_rank_over_none']:.3f}x |",
+    ]
     mc = results["mc"]
     lines += [
         "",
@@ -264,6 +331,7 @@ def main() -> None:
     results = {
         "discovery": bench_discovery(args.repeats),
         "training_step": bench_training_step(args.repeats),
+        "fit": bench_fit(max(3, args.repeats // 5)),
         "mc": bench_mc(args.repeats, args.n_samples),
         "probe": bench_probe(args.repeats),
     }
