@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import lightning
 import torch
 from torch import nn
 
@@ -47,6 +45,9 @@ from lightning_dropout.schedules import Linear  # noqa: E402
 from lightning_dropout.sites import FunctionalProbe, find_sites, sites_training  # noqa: E402
 from lightning_dropout.sites import code as site_code  # noqa: E402
 from tests import _models  # noqa: E402  (tiny builds; timm imported without torchvision)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_mc import environment as mc_environment  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -231,17 +232,9 @@ def bench_probe(repeats: int) -> dict[str, Any]:
 
 
 def environment() -> dict[str, object]:
+    """bench_mc's environment, with the model libraries' versions."""
     timm, transformers = _models.import_timm(), _models.transformers()
-    return {
-        "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores "
-        f"(shared with other jobs), torch threads {torch.get_num_threads()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "timm": timm.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": os.getloadavg()[0],
-    }
+    return {**mc_environment(), "timm": timm.__version__, "transformers": transformers.__version__}
 
 
 def markdown(env: dict[str, object], results: dict[str, Any]) -> str:

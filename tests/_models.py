@@ -28,6 +28,8 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_dropout import DropConnect, DropConnectConv2d, DropConnectLinear, Dropout2d
+
 
 class _Placeholder(type):
     def __getattr__(cls, name: str) -> Any:
@@ -243,3 +245,20 @@ class Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return hf_logits(self.model, x)
+
+
+def conv_net() -> nn.Module:
+    """A small CNN with every kind of this package's and torch's dropout layer, and BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        Dropout2d(0.3),
+        DropConnectConv2d(4, 4, 3, padding=1, p=0.3),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        DropConnectLinear(4 * 25, 8, p=0.3),
+        nn.BatchNorm1d(8),
+        DropConnect(nn.Linear(8, 3), p=0.2),
+        nn.AlphaDropout(0.1),
+    )

@@ -12,30 +12,13 @@ from torch import nn
 
 from lightning_dropout import (
     DropConnect,
-    DropConnectConv2d,
     DropConnectLinear,
     Dropout,
-    Dropout2d,
     EmbeddingDropout,
     MCOutput,
 )
 from lightning_dropout.mc import independent_replica_masks, mc_dropout, mc_predict, replicate, summarize
-
-
-def conv_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        Dropout2d(0.3),
-        DropConnectConv2d(4, 4, 3, padding=1, p=0.3),
-        nn.Flatten(),
-        nn.Dropout(0.2),
-        DropConnectLinear(4 * 25, 8, p=0.3),
-        nn.BatchNorm1d(8),
-        DropConnect(nn.Linear(8, 3), p=0.2),
-        nn.AlphaDropout(0.1),
-    )
+from tests._models import conv_net
 
 
 def trained_state(net: nn.Module) -> nn.Module:

@@ -9,24 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_dropout import DropConnect, DropConnectConv2d, DropConnectLinear, Dropout2d
 from lightning_dropout.sites import dropout_layers, find_sites, select_sites, set_dropout_p, sites_training
-
-
-def conv_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        Dropout2d(0.3),
-        DropConnectConv2d(4, 4, 3, padding=1, p=0.3),
-        nn.Flatten(),
-        nn.Dropout(0.2),
-        DropConnectLinear(4 * 25, 8, p=0.3),
-        nn.BatchNorm1d(8),
-        DropConnect(nn.Linear(8, 3), p=0.2),
-        nn.AlphaDropout(0.1),
-    )
+from tests._models import conv_net
 
 
 class Encoder(nn.Module):
