@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from lightning_dropout import DropConnect, DropConnectLinear, Dropout
 from lightning_dropout.mc import mc_predict
 from lightning_dropout.metrics import CoActivation
 from lightning_dropout.random_streams import RankStreams, ShardedSites, mesh_ranks
+from tests._distributed import free_port
 
 SEED = 7
 PROBE = 2048  # elements of each step's probe mask
@@ -256,17 +256,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp_path = tmp_path_factory.mktemp("parallel")
     torch.multiprocessing.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 

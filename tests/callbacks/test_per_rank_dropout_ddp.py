@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from lightning_dropout import Dropout, DropoutMixin
 from lightning_dropout.callbacks import CoActivationMonitor, DropoutScheduler, DropRateMonitor, PerRankDropout
 from lightning_dropout.metrics import CoActivation
 from lightning_dropout.schedules import Linear
+from tests._distributed import free_port, torchrun_environment
 
 PROBE = 1024  # elements per probe mask
 EPOCHS = 4
@@ -160,14 +160,7 @@ def _load(tmp_path: Path, tag: str) -> list[dict[str, Any]]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
+    torchrun_environment(rank, 2, port)
     torch.set_num_threads(1)
     out = Path(out_dir)
     _fit(out / "full", "full", EPOCHS)
@@ -177,17 +170,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     _fit(out / "monitored", "monitored", 1, monitored=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     tmp_path = tmp_path_factory.mktemp("ddp")
     torch.multiprocessing.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
     )
     tags = {"full": "full", "half": "half", "resumed": "half", "shared": "shared", "monitored": "monitored"}
     loaded = {tag: _load(tmp_path / folder, tag) for tag, folder in tags.items()}

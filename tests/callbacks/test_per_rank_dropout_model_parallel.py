@@ -12,8 +12,6 @@ differ across the pair for sharded ones, and differ across data-parallel ranks f
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dropout import Dropout, DropoutMixin
 from lightning_dropout.callbacks import PerRankDropout
+from tests._distributed import free_port, torchrun_environment
 
 PROBE = 1024
 EPOCHS = 2
@@ -98,14 +97,7 @@ def _fit(
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="4",
-        NODE_RANK="0",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
+    torchrun_environment(rank, 4, port)
     torch.set_num_threads(1)
     out = Path(out_dir)
     marked = ["sharded*"]
@@ -116,17 +108,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     _fit(out / "default", "default", 1, [])  # the mixin adds PerRankDropout()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
     tmp_path = tmp_path_factory.mktemp("model_parallel")
     torch.multiprocessing.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=4, start_method="spawn"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=4, start_method="spawn"
     )
     folders = {"full": "full", "half": "half", "resumed": "half", "default": "default"}
     loaded = {}
