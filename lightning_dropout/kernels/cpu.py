@@ -18,20 +18,21 @@ exact 0 (float32 and float64). Without numba, and for other dtypes, torch ops co
 same values from the same masks. Per-sample DropConnect of a linear layer multiplies by
 its masks without building the masked weights (:func:`group_masked_linear`).
 
-Threads. Large passes are cut into pieces that the calling thread and helper threads
-(the GIL released, blocking rather than spinning) claim one at a time; a helper the OS has
-not scheduled yet claims nothing, so on a host whose other cores are busy the caller
-finishes alone instead of waiting, where torch's own parallel ops were measured at
-several times their idle time.
+Threads. Large passes run on torch's own OpenMP threads (the runtime torch loaded, entered
+through ``GOMP_parallel``), which claim pieces of the pass one at a time. Those threads
+spin for a while after each torch op: a pool of our own (tried first) waited for them to
+give up a core and ran 2-3x slower right after a torch op than alone. A thread that
+claims no piece shows that the other cores are busy; passes then run on the calling
+thread alone for a while (see :class:`_Threads`). Without an OpenMP runtime of torch's
+(macOS, Windows), or in a forked child, passes run on the calling thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
-import itertools
 import os
-import queue
-import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -84,7 +85,7 @@ def compiled() -> ModuleType | None:
     """The numba kernels, compiled, or None where numba is missing, switched off or fails.
 
     Example:
-        >>> compiled() is None or callable(compiled().scale_rows)
+        >>> compiled() is None or callable(compiled().decide_bytes)
         True
     """
     if os.environ.get(NUMBA_SWITCH, "1") == "0":
@@ -93,15 +94,7 @@ def compiled() -> ModuleType | None:
         from lightning_dropout.kernels import _compiled
     except ImportError:
         return None
-    try:  # compile every kernel now, before any call draws random numbers
-        for dtype in (np.float32, np.float64):
-            x, keep, two = np.ones(2, dtype), np.ones((1, 2), np.bool_), dtype(2)
-            x2, x3, keep3 = x[None], x[None, None], keep[None]
-            _compiled.scale_elements(x, keep, two, np.empty((1, 2), dtype))
-            _compiled.scale_rows(x[:, None], keep[0], two, np.empty((2, 1), dtype))
-            _compiled.noise_product(x, x.copy(), two, np.empty(2, dtype))
-            _compiled.masked_linear(x3, x2, keep3, two, np.empty((1, 1, 1), dtype), 0, 1)
-            _compiled.masked_linear_backward(x3, x2, keep3, two, x3[..., :1], x3.copy(), x2.copy(), 0, 1)
+    try:  # compile every kernel now (the jobs are, on import), before any call draws numbers
         _compiled.spread_bits(np.zeros(1, np.uint8), np.empty(1, np.uint64))
         _compiled.decide_bytes(np.zeros(1, np.uint64), 1, 0, np.empty(1, np.uint64), np.empty(8, np.int64))
     except Exception as error:  # a numba that cannot compile here: torch ops instead
@@ -114,59 +107,58 @@ def _fits_compiled(x: Tensor) -> ModuleType | None:
     return compiled() if x.dtype in _COMPILED_DTYPES else None
 
 
-class _Helpers:
-    """Helper threads that wait for work (starting a thread costs about 0.1 ms a call)."""
+@functools.cache
+def _openmp_parallel() -> Callable[..., None] | None:
+    """``GOMP_parallel`` of the OpenMP runtime that torch's own parallel ops use, or None.
+
+    Found among the libraries loaded from torch's installation, so that our passes run on
+    the threads torch has already started (and keeps spinning a while after each op): a
+    pool of our own would wait on those spinning threads for a core. LLVM's and Intel's
+    runtimes export the same GNU entry point.
+    """
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split(maxsplit=5)[-1].strip() for line in maps if torch_dir in line})
+    except OSError:  # not Linux
+        return None
+    for path in paths:
+        if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
+            try:
+                parallel = ctypes.CDLL(path).GOMP_parallel
+            except (OSError, AttributeError):
+                continue
+            parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            parallel.restype = None
+            return parallel
+    return None
+
+
+class _Threads:
+    """How many threads a pass gets: torch's count, or one after a pass found the host busy.
+
+    A thread that claimed no piece of a pass arrived after the others had done it all: the
+    cores it waits for are busy with other work, and every parallel pass would wait for
+    them again (torch's own ops were measured at several times their idle time on such a
+    host). Passes then run on the calling thread alone for ``_SERIAL_S`` before trying again.
+    """
 
     def __init__(self) -> None:
-        self.pid, self.count, self.tasks = -1, 0, queue.SimpleQueue[Callable[[], None]]()
+        self.pid, self.serial_until = os.getpid(), 0.0
 
-    def submit(self, task: Callable[[], None], copies: int) -> None:
-        if self.pid != os.getpid():  # none yet, or a forked child that has none
-            self.pid, self.count, self.tasks = os.getpid(), 0, queue.SimpleQueue()
-        for _ in range(copies - self.count):
-            threading.Thread(target=self._serve, args=(self.tasks,), daemon=True).start()
-        self.count = max(self.count, copies)
-        for _ in range(copies):
-            self.tasks.put(task)
+    def count(self, numel: int) -> int:
+        if numel < _PARALLEL_NUMEL or _openmp_parallel() is None or os.getpid() != self.pid:
+            return 1  # a forked child: GNU OpenMP hangs in a child forked after it ran
+        return 1 if time.monotonic() < self.serial_until else torch.get_num_threads()
 
-    @staticmethod
-    def _serve(tasks: queue.SimpleQueue[Callable[[], None]]) -> None:
-        while True:
-            tasks.get()()
+    def busy(self) -> None:
+        self.serial_until = time.monotonic() + _SERIAL_S
 
 
-_HELPERS = _Helpers()
-
-
-def _in_threads(run: Callable[[slice], None], count: int, numel: int) -> None:
-    """``run(piece)`` over slices covering ``range(count)``, shared out among threads.
-
-    The calling thread works through the pieces with ``torch.get_num_threads() - 1``
-    helpers, each claiming the next piece when free. A helper that the OS does not
-    schedule soon (the other cores busy) claims nothing: the caller then does the work
-    alone and waits only for pieces already under way.
-    """
-    threads = torch.get_num_threads()
-    pieces = 1 if numel < _PARALLEL_NUMEL or threads < 2 else min(count, 4 * threads)
-    if pieces == 1:
-        return run(slice(0, count))
-    bounds = [count * k // pieces for k in range(pieces + 1)]
-    claims = itertools.count()
-    finished = threading.Semaphore(0)
-    jobs = [run]  # emptied at the end: a helper scheduled late holds no tensor alive
-
-    def work() -> None:
-        while (piece := next(claims)) < pieces:
-            try:
-                jobs[0](slice(bounds[piece], bounds[piece + 1]))
-            finally:
-                finished.release()
-
-    _HELPERS.submit(work, min(threads, pieces) - 1)
-    work()
-    for _ in range(pieces):
-        finished.acquire()
-    jobs.clear()
+_THREADS = _Threads()
+_SERIAL_S = 0.5
 
 
 def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
@@ -174,35 +166,40 @@ def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
     return torch.empty(size, dtype=dtype).numpy()
 
 
-class _Memory:
-    """A tensor's memory as numpy reads it. ``Tensor.numpy()`` would mark the storage as
-    never resizable again, and FSDP2 frees gathered parameters by resizing them to 0: the
-    tensors of callers are viewed this way (the tensor must outlive the view)."""
-
-    def __init__(self, tensor: Tensor) -> None:
-        size = tensor.element_size()
-        self.__array_interface__ = {
-            "version": 3,
-            "data": (tensor.data_ptr(), False),
-            "shape": tuple(tensor.shape),
-            "strides": tuple(stride * size for stride in tensor.stride()),
-            "typestr": _NUMPY_TYPES[tensor.dtype],
-        }
+def _address(array: Tensor | np.ndarray) -> int:
+    return array.data_ptr() if isinstance(array, Tensor) else array.ctypes.data
 
 
-_NUMPY_TYPES = {torch.float32: np.dtype(np.float32).str, torch.float64: np.dtype(np.float64).str}
-
-
-def _array(tensor: Tensor) -> np.ndarray:
-    return np.asarray(_Memory(tensor))
-
-
-def _zeros(like: Tensor) -> tuple[Tensor, np.ndarray]:
-    # zeroed by numpy on one thread: torch's zeros_like is a parallel op (see _in_threads)
-    zeros = torch.empty_like(like, memory_format=torch.contiguous_format)
-    array = _array(zeros)
-    array.fill(0)
-    return zeros, array
+def _run(
+    kind: int,
+    items: int,
+    numel: int,
+    arrays: tuple[Tensor | np.ndarray, ...],
+    sizes: tuple[int, ...],
+    scale: float,
+    threads: int | None = None,
+) -> None:
+    """A job of the compiled kernels (``kind``, over ``items`` in pieces) on ``arrays``
+    (contiguous, float ones of ``arrays[0]``'s dtype; they must outlive the call)."""
+    kernels = compiled()
+    assert kernels is not None
+    threads = _THREADS.count(numel) if threads is None else threads
+    header = np.zeros(kernels.HEADER, np.int64)
+    header[:2] = 1 if threads == 1 else min(items, 4 * threads), items
+    header[4] = kind
+    header[5 : 5 + len(arrays)] = [_address(array) for array in arrays]
+    header[11 : 11 + len(sizes)] = sizes
+    single = arrays[0].dtype in (torch.float32, np.float32)
+    header[15:].view(np.float32 if single else np.float64)[0] = scale  # rounded as torch rounds it
+    serve = kernels.serve_float32 if single else kernels.serve_float64
+    if threads == 1:
+        serve.ctypes(header.ctypes.data)  # the GIL released, as for any ctypes call
+        return
+    parallel = _openmp_parallel()
+    assert parallel is not None
+    parallel(serve.address, header.ctypes.data, threads, 0)
+    if header[3] < threads:
+        _THREADS.busy()
 
 
 def _random_bytes(count: int, generator: torch.Generator | None) -> np.ndarray:
@@ -282,32 +279,12 @@ def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
     if kernels is None:
         torch.mul(x.expand_as(out), scale, out=out)
         return out.masked_fill_(~keep.unsqueeze(-1), 0.0)
-    xs, keeps, outs = _array(x), keep.numpy(), _array(out)
-    factor = xs.dtype.type(scale)
     groups, entries, length = out.shape
     if groups == 1 and length >= _ROW_LENGTH:  # channels: dropped rows are not read
-
-        def run(piece: slice) -> None:
-            kernels.scale_rows(xs[piece], keeps[0, piece], factor, outs[0, piece])
-
-        _in_threads(run, entries, out.numel())
-        return out
-    if length > 1:
-        xs, keeps, outs = xs.reshape(-1), np.repeat(keeps, length, axis=1), outs.reshape(groups, -1)
+        _run(kernels.ROWS, entries, out.numel(), (x, keep, out), (entries, length), scale)
     else:
-        xs, outs = xs.reshape(-1), outs.reshape(groups, -1)
-    if groups > 1:  # pieces of the groups
-
-        def run(piece: slice) -> None:
-            kernels.scale_elements(xs, keeps[piece], factor, outs[piece])
-
-        _in_threads(run, groups, out.numel())
-    else:  # pieces of the elements
-
-        def run(piece: slice) -> None:
-            kernels.scale_elements(xs[piece], keeps[:, piece], factor, outs[:, piece])
-
-        _in_threads(run, xs.size, out.numel())
+        keep = keep.repeat_interleave(length, dim=1) if length > 1 else keep
+        _run(kernels.ELEMENTS, x.numel(), out.numel(), (x, keep, out), (groups, x.numel()), scale)
     return out
 
 
@@ -379,13 +356,7 @@ class _GaussianNoise(torch.autograd.Function):
             out = source * noise.mul_(sigma).add_(1.0)
         else:
             out = torch.empty_like(source)
-            xs, noises, outs = _array(source.view(-1)), noise.view(-1).numpy(), _array(out.view(-1))
-            factor = noises.dtype.type(sigma)
-
-            def run(piece: slice) -> None:
-                kernels.noise_product(xs[piece], noises[piece], factor, outs[piece])
-
-            _in_threads(run, xs.size, xs.size)
+            _run(kernels.NOISE, out.numel(), out.numel(), (source, noise, out), (out.numel(),), sigma)
         ctx.save_for_backward(noise)
         return out
 
@@ -478,14 +449,9 @@ class _MaskedLinear(torch.autograd.Function):
         kernels = compiled()
         assert kernels is not None
         out = x.new_empty(*x.shape[:2], weight.shape[0])
-        xs, weights, outs = _array(x), _array(weight), _array(out)
-        factor = xs.dtype.type(1.0 / (1.0 - p))
         for part, keep in _chunk_masks(weight, p, seeds, x.shape[0]):
-
-            def run(rows: slice, part: slice = part, keep: np.ndarray = keep) -> None:
-                kernels.masked_linear(xs[part], weights, keep, factor, outs[part], rows.start, rows.stop)
-
-            _in_threads(run, weight.shape[0], keep.size)
+            arrays, sizes = (x[part], weight, keep, out[part]), (*x[part].shape, weight.shape[0])
+            _run(kernels.LINEAR, weight.shape[0], keep.size, arrays, sizes, 1 / (1 - p))
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seeds = p, seeds
         return out
@@ -497,24 +463,15 @@ class _MaskedLinear(torch.autograd.Function):
         assert kernels is not None
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        xs, weights, grads = _array(x), _array(weight), _array(grad)
-        factor = xs.dtype.type(1.0 / (1.0 - ctx.p))
-        (grad_x, grad_xs), (grad_weight, grad_weights) = _zeros(x), _zeros(weight)
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
         for part, keep in _chunk_masks(weight, ctx.p, ctx.seeds, x.shape[0]):
-            partial: list[np.ndarray] = []  # one per piece: every weight row adds to all of x
-
-            def run(
-                rows: slice, part: slice = part, keep: np.ndarray = keep, partial: list = partial
-            ) -> None:
-                into = np.zeros_like(xs[part])
-                partial.append(into)
-                kernels.masked_linear_backward(
-                    xs[part], weights, keep, factor, grads[part], into, grad_weights, rows.start, rows.stop
-                )
-
-            _in_threads(run, weight.shape[0], keep.size)
-            for into in partial:
-                grad_xs[part] += into
+            threads = _THREADS.count(keep.size)
+            # one block of grad_x a thread: every weight row adds to all of x
+            blocks = x.new_zeros(threads, *x[part].shape)
+            arrays = (x[part], weight, keep, grad[part], blocks, grad_weight)
+            sizes = (*x[part].shape, weight.shape[0])
+            _run(kernels.LINEAR_BACKWARD, weight.shape[0], keep.size, arrays, sizes, 1 / (1 - ctx.p), threads)
+            torch.sum(blocks, dim=0, out=grad_x[part])
         return grad_x, grad_weight, None, None
 
 

@@ -276,7 +276,7 @@ def test_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: pytest.M
         def broken(*args: object) -> None:
             raise RuntimeError("no LLVM here")
 
-        monkeypatch.setattr(_compiled, "scale_elements", broken)
+        monkeypatch.setattr(_compiled, "decide_bytes", broken)
         with pytest.warns(RuntimeWarning, match="no LLVM here"):
             assert cpu.compiled() is None
         x = torch.ones(10_000)
@@ -322,8 +322,8 @@ def test_large_passes_in_threads_and_after_a_fork(path: str) -> None:
         torch.set_num_threads(threads)
     if path != "numba":
         return
-    # A forked child has none of the parent's helper threads: it starts its own. (The
-    # child runs no parallel torch op: GNU OpenMP hangs in a child forked after use.)
+    # A forked child runs its passes on one thread: GNU OpenMP hangs in a child forked
+    # after the parent used it (the child runs no parallel torch op either).
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
