@@ -12,6 +12,7 @@ int64 slots (``HEADER``), and take pieces of its work in turn until none is left
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
@@ -20,44 +21,67 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from lightning_dropout.kernels._splitmix import GAMMA, MIX1, MIX2
+
 _jit = numba.njit(nogil=True, cache=True)
-# Byte k of entry b is bit k of b: one byte's bits spread over eight bools.
-_SPREAD = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], np.uint64)
 
-
+_GAMMA, _MIX1, _MIX2 = np.uint64(GAMMA), np.uint64(MIX1), np.uint64(MIX2)
 _ONES, _HIGHS = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080)
+# Elements decided and applied together: their random words stay in L1 meanwhile.
+BLOCK = 2048
 
 
 @_jit
-def decide_bytes(words: np.ndarray, threshold: int, tie: int, keep: np.ndarray, ties: np.ndarray) -> int:
-    """Byte by byte of ``words`` (uint64), ``keep`` (uint64: eight 0 / 1 bytes) = byte >=
-    ``threshold`` (1 to 255); into ``ties``, the positions of the bytes equal to ``tie``
-    (none if -1), in order. Returns how many ties there are (more than ``ties`` holds when
-    it overflows). Eight bytes a step, and no lane borrows from its neighbour."""
-    low, high = np.uint64((threshold & 0x7F) * 0x0101010101010101), threshold >= 0x80
-    pattern, count = _ONES * np.uint64(tie & 0xFF), 0
-    for w in range(words.size):
-        word = words[w]
-        # high bit of each lane: the lane's low 7 bits >= the threshold's
-        lanes = (word | _HIGHS) - low
-        lanes = lanes & word if high else lanes | word
-        keep[w] = (lanes & _HIGHS) >> np.uint64(7)
-        if tie >= 0:
-            v = word ^ pattern
-            if (v - _ONES) & ~v & _HIGHS:  # a zero byte in v (rare: 1 word in 32)
-                for b in range(8):
-                    if (v >> np.uint64(8 * b)) & np.uint64(255) == 0:
-                        if count < ties.size:
-                            ties[count] = 8 * w + b
-                        count += 1
-    return count
+def splitmix(seed: np.uint64, counter: np.uint64) -> np.uint64:
+    """Word ``counter`` of the SplitMix64 stream keyed by ``seed`` (:mod:`._splitmix`)."""
+    z = seed + (counter + np.uint64(1)) * _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
 
 
 @_jit
-def spread_bits(bits: np.ndarray, out: np.ndarray) -> None:
-    """``out[j]`` (uint64): the bits of byte ``bits[j]`` as eight 0 / 1 bytes, lowest first."""
-    for j in range(bits.size):
-        out[j] = _SPREAD[bits[j]]
+def _tie_kept(position: int, seed: np.uint64, digits: np.ndarray, rounds: int) -> bool:
+    """Whether an element whose first byte equals ``digits[0]`` is kept: its next bytes,
+    word ``position * rounds + r`` of the tie stream, against ``digits[1:]``."""
+    word = np.uint64(0)
+    for k in range(1, digits.size):
+        byte = (k - 1) % 8
+        if byte == 0:
+            word = splitmix(seed, np.uint64(position * rounds + (k - 1) // 8))
+        u = (word >> np.uint64(8 * byte)) & np.uint64(255)
+        if u != digits[k]:
+            return u > digits[k]
+    return True  # U >= p
+
+
+@_jit
+def draw_keep(
+    keep: np.ndarray, first: int, seed: np.uint64, tie_seed: np.uint64, digits: np.ndarray, raw: np.ndarray
+) -> None:
+    """``keep`` (uint8, a multiple of 8 long: elements ``8 * first`` on) = 1 where kept.
+
+    Element i's first byte is byte ``i % 8`` of word ``i // 8`` of the ``seed`` stream; it
+    decides against p's first base-256 digit unless equal (never when p is on the 1/256
+    grid), when the tie stream decides (:func:`_tie_kept`). ``raw``: scratch of at least
+    ``keep.size // 8`` words."""
+    words, lead = keep.size // 8, digits[0]
+    for w in range(words):
+        raw[w] = splitmix(seed, np.uint64(first + w))
+    bytes_ = raw[:words].view(np.uint8)
+    if digits.size == 1:
+        for i in range(keep.size):
+            keep[i] = bytes_[i] >= lead
+        return
+    for i in range(keep.size):
+        keep[i] = bytes_[i] > lead
+    rounds, pattern = (digits.size + 6) // 8, _ONES * np.uint64(lead)
+    for w in range(words):
+        v = raw[w] ^ pattern
+        if (v - _ONES) & ~v & _HIGHS:  # a byte equal to the lead digit (1 word in 32)
+            for b in range(8):
+                if (v >> np.uint64(8 * b)) & np.uint64(255) == 0:
+                    keep[8 * w + b] = _tie_kept(8 * (first + w) + b, tie_seed, digits, rounds)
 
 
 @_jit
@@ -77,6 +101,76 @@ def scale_rows(x: np.ndarray, keep: np.ndarray, scale: np.floating[Any], out: np
         else:
             for j in range(x.shape[1]):
                 out[e, j] = 0
+
+
+def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marsaglia & Tsang's ziggurat of the standard normal, 256 layers of 52-bit draws
+    (numpy's ``standard_normal`` builds the same): each layer's accept limit, width and
+    density at its edge."""
+    limits, widths, densities = np.zeros(256, np.uint64), np.zeros(256), np.zeros(256)
+    edge = previous = _TAIL
+    q = _LAYER_AREA / math.exp(-0.5 * edge * edge)
+    limits[0], widths[0], widths[255] = int(edge / q * 2.0**52), q / 2.0**52, edge / 2.0**52
+    densities[0], densities[255] = 1.0, math.exp(-0.5 * edge * edge)
+    for i in range(254, 0, -1):
+        edge = math.sqrt(-2.0 * math.log(_LAYER_AREA / edge + math.exp(-0.5 * edge * edge)))
+        limits[i + 1], previous = int(edge / previous * 2.0**52), edge
+        densities[i], widths[i] = math.exp(-0.5 * edge * edge), edge / 2.0**52
+    return limits, widths, densities
+
+
+_TAIL, _LAYER_AREA = 3.6541528853610088, 0.00492867323399
+_LIMITS, _WIDTHS, _DENSITIES = _ziggurat_tables()
+_MANTISSA = np.uint64((1 << 52) - 1)
+
+
+@_jit
+def _uniform(seed: np.uint64, counter: int) -> float:
+    """A uniform in [0, 1): the top 53 bits of a word."""
+    return float(splitmix(seed, np.uint64(counter)) >> np.uint64(11)) * 2.0**-53
+
+
+@_jit
+def _layer_point(word: np.uint64) -> tuple[np.uint64, np.uint64, float]:
+    """A word's layer (8 bits), its draw in the layer (52 bits) and that point (sign: 1 bit)."""
+    layer, draw = word & np.uint64(255), (word >> np.uint64(9)) & _MANTISSA
+    point = float(draw) * _WIDTHS[layer]
+    return layer, draw, -point if word & np.uint64(256) else point
+
+
+@_jit
+def _rejected_normal(position: int, numel: int, layer: np.uint64, point: float, seed: np.uint64) -> float:
+    """The normal of an element whose first point fell outside its layer's rectangle: the
+    wedge or tail test, and fresh points if rejected, with draws ``k * numel + position``
+    (k = 0, 1, ...) of the ``seed`` stream."""
+    k = 0
+    while True:
+        if layer == 0:  # the tail beyond _TAIL (Marsaglia's method)
+            while True:
+                x = -math.log1p(-_uniform(seed, k * numel + position)) / _TAIL
+                y = -math.log1p(-_uniform(seed, (k + 1) * numel + position))
+                k += 2
+                if y + y > x * x:
+                    return -(_TAIL + x) if point < 0 else _TAIL + x
+        test = (_DENSITIES[layer - 1] - _DENSITIES[layer]) * _uniform(seed, k * numel + position)
+        if test + _DENSITIES[layer] < math.exp(-0.5 * point * point):
+            return point
+        layer, draw, point = _layer_point(splitmix(seed, np.uint64((k + 1) * numel + position)))
+        k += 2
+        if draw < _LIMITS[layer]:
+            return point
+
+
+@_jit
+def draw_normals(noise: np.ndarray, first: int, numel: int, seed: np.uint64, tie_seed: np.uint64) -> None:
+    """``noise[i]``: standard normal number ``first + i`` of the ``seed`` stream (ziggurat:
+    one word a number, 1.3% of numbers draw more from the ``tie_seed`` stream)."""
+    for i in range(noise.size):
+        layer, draw, point = _layer_point(splitmix(seed, np.uint64(first + i)))
+        if draw < _LIMITS[layer]:
+            noise[i] = point
+        else:
+            noise[i] = _rejected_normal(first + i, numel, layer, point, tie_seed)
 
 
 @_jit
@@ -146,9 +240,10 @@ def masked_linear_backward(
 # Jobs shared out among torch's OpenMP threads. Header slots (int64):
 #   0 pieces, 1 items the pieces cover, 2 next piece (claimed atomically), 3 threads that
 #   claimed a piece (each thread's number, counted from 0, is its claim), 4 job kind,
-#   5-10 addresses of arrays, 11-14 sizes, 15 the scale (in the arrays' dtype).
+#   5-10 addresses of arrays, 11-14 sizes (the masks' seeds for MASK and DROPOUT), 15 the
+#   scale (in the arrays' dtype).
 HEADER = 16
-ROWS, ELEMENTS, NOISE, LINEAR, LINEAR_BACKWARD = range(5)
+ROWS, ELEMENTS, NOISE, LINEAR, LINEAR_BACKWARD, MASK, DROPOUT = range(7)
 
 
 def _fetch_add_typing(typingctx: Any, address: Any) -> Any:
@@ -185,6 +280,7 @@ def _serve(data: Any, zero: Any) -> None:
     a, b, c, d, e, f = header[5], header[6], header[7], header[8], header[9], header[10]
     n0, n1, n2, n3 = header[11], header[12], header[13], header[14]
     byte, thread = np.uint8(0), -1
+    raw = np.empty(BLOCK // 8 if kind >= MASK else 0, np.uint64)
     while True:
         piece = _fetch_add(header.ctypes.data + 16)
         if piece >= pieces:
@@ -192,7 +288,17 @@ def _serve(data: Any, zero: Any) -> None:
         if thread < 0:
             thread = _fetch_add(header.ctypes.data + 24)
         start, stop = items * piece // pieces, items * (piece + 1) // pieces
-        if kind == ROWS:  # x (n0, n1), keep (n0), out (n0, n1)
+        if kind >= MASK:  # pieces of words; x, out (n0), keep (n0 rounded up to 8), digits (n3)
+            keep, digits = _carray(_pointer(b, byte), 8 * items), _carray(_pointer(d, byte), n3)
+            seed, tie_seed = np.uint64(n1), np.uint64(n2)
+            for block in range(start, stop, BLOCK // 8):
+                lo, hi = 8 * block, 8 * min(stop, block + BLOCK // 8)
+                draw_keep(keep[lo:hi], block, seed, tie_seed, digits, raw)
+                if kind == DROPOUT and lo < n0:
+                    x, out = _carray(_pointer(a, zero), n0), _carray(_pointer(c, zero), n0)
+                    hi = min(hi, n0)
+                    scale_elements(x[lo:hi], keep[lo:hi], scale, out[lo:hi])
+        elif kind == ROWS:  # x (n0, n1), keep (n0), out (n0, n1)
             x, out = _carray(_pointer(a, zero), (n0, n1)), _carray(_pointer(c, zero), (n0, n1))
             keep = _carray(_pointer(b, byte), n0)
             scale_rows(x[start:stop], keep[start:stop], scale, out[start:stop])
@@ -202,10 +308,13 @@ def _serve(data: Any, zero: Any) -> None:
             out = _carray(_pointer(c, zero), (n0, n1))
             for group in range(n0):  # one row at a time: contiguous slices vectorise
                 scale_elements(x[start:stop], keep[group, start:stop], scale, out[group, start:stop])
-        elif kind == NOISE:  # x, noise, out (n0)
+        elif kind == NOISE:  # x, noise, out (n0); normals from the seeds n1, n2
             x, noise = _carray(_pointer(a, zero), n0), _carray(_pointer(b, zero), n0)
             out = _carray(_pointer(c, zero), n0)
-            noise_product(x[start:stop], noise[start:stop], scale, out[start:stop])
+            for lo in range(start, stop, BLOCK):
+                hi = min(stop, lo + BLOCK)
+                draw_normals(noise[lo:hi], lo, n0, np.uint64(n1), np.uint64(n2))
+                noise_product(x[lo:hi], noise[lo:hi], scale, out[lo:hi])
         else:  # x (n0, n1, n2), weight (n3, n2), keep (n0, n3, n2), out or grad (n0, n1, n3)
             x = _carray(_pointer(a, zero), (n0, n1, n2))
             weight = _carray(_pointer(b, zero), (n3, n2))

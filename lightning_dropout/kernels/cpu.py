@@ -36,11 +36,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_dropout.kernels._splitmix import shifted, splitmix
 
 __all__ = [
     "NUMBA_SWITCH",
@@ -85,18 +87,19 @@ def compiled() -> ModuleType | None:
     """The numba kernels, compiled, or None where numba is missing, switched off or fails.
 
     Example:
-        >>> compiled() is None or callable(compiled().decide_bytes)
+        >>> compiled() is None or compiled().HEADER == 16
         True
     """
     if os.environ.get(NUMBA_SWITCH, "1") == "0":
         return None
     try:
-        from lightning_dropout.kernels import _compiled
-    except ImportError:
+        from lightning_dropout.kernels import _compiled  # compiles the jobs (cached on disk)
+
+        # SplitMix64's first word from key 0: the compiled streams are the torch-ops ones
+        if _compiled.splitmix(np.uint64(0), np.uint64(0)) != 0xE220A8397B1DCDAF:
+            raise RuntimeError("compiled SplitMix64 gives wrong words")
+    except ImportError:  # numba is not installed
         return None
-    try:  # compile every kernel now (the jobs are, on import), before any call draws numbers
-        _compiled.spread_bits(np.zeros(1, np.uint8), np.empty(1, np.uint64))
-        _compiled.decide_bytes(np.zeros(1, np.uint64), 1, 0, np.empty(1, np.uint64), np.empty(8, np.int64))
     except Exception as error:  # a numba that cannot compile here: torch ops instead
         warnings.warn(f"numba kernels unavailable, using torch ops: {error!r}", RuntimeWarning, stacklevel=2)
         return None
@@ -166,7 +169,9 @@ def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
     return torch.empty(size, dtype=dtype).numpy()
 
 
-def _address(array: Tensor | np.ndarray) -> int:
+def _address(array: Tensor | np.ndarray | None) -> int:
+    if array is None:
+        return 0
     return array.data_ptr() if isinstance(array, Tensor) else array.ctypes.data
 
 
@@ -174,13 +179,13 @@ def _run(
     kind: int,
     items: int,
     numel: int,
-    arrays: tuple[Tensor | np.ndarray, ...],
+    arrays: tuple[Tensor | np.ndarray | None, ...],
     sizes: tuple[int, ...],
     scale: float,
     threads: int | None = None,
 ) -> None:
     """A job of the compiled kernels (``kind``, over ``items`` in pieces) on ``arrays``
-    (contiguous, float ones of ``arrays[0]``'s dtype; they must outlive the call)."""
+    (contiguous, float ones all float32 or all float64; they must outlive the call)."""
     kernels = compiled()
     assert kernels is not None
     threads = _THREADS.count(numel) if threads is None else threads
@@ -189,7 +194,7 @@ def _run(
     header[4] = kind
     header[5 : 5 + len(arrays)] = [_address(array) for array in arrays]
     header[11 : 11 + len(sizes)] = sizes
-    single = arrays[0].dtype in (torch.float32, np.float32)
+    single = not any(isinstance(array, Tensor) and array.dtype == torch.float64 for array in arrays)
     header[15:].view(np.float32 if single else np.float64)[0] = scale  # rounded as torch rounds it
     serve = kernels.serve_float32 if single else kernels.serve_float64
     if threads == 1:
@@ -202,23 +207,27 @@ def _run(
         _THREADS.busy()
 
 
-def _random_bytes(count: int, generator: torch.Generator | None) -> np.ndarray:
-    """``count`` uniform bytes: the bytes of 64-bit words from torch's ``random_``."""
-    words = torch.empty(-(-count // 8), dtype=torch.int64).random_(_MIN_INT64, None, generator=generator)
-    return words.numpy().view(np.uint8)[:count]
+class _Draw(NamedTuple):
+    """Masks still to be drawn: ``p`` and the keys of the two streams they are read from."""
+
+    p: float
+    seeds: tuple[int, int]
 
 
-def _resolve_ties(positions: np.ndarray, digits: bytes, generator: torch.Generator | None) -> np.ndarray:
-    """Of the elements tied on the first digit, the positions of those kept (``U >= p``)."""
-    kept = []
-    for digit in digits[1:]:
-        if positions.size == 0:
-            break
-        draws = _random_bytes(positions.size, generator)
-        kept.append(positions[draws > digit])
-        positions = positions[draws == digit]
-    kept.append(positions)  # still tied when p's expansion ends: U >= p
-    return np.concatenate(kept)
+def _seeds(generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Keys of two streams, drawn from ``generator`` (torch's global CPU generator when
+    None): what makes the draws reproducible under ``torch.manual_seed``."""
+    first, second = torch.empty(2, dtype=torch.int64).random_(_MIN_INT64, None, generator=generator).tolist()
+    return first, second
+
+
+def _draw(p: float, generator: torch.Generator | None = None) -> _Draw:
+    return _Draw(p, _seeds(generator))
+
+
+@functools.lru_cache(maxsize=256)
+def _digit_array(p: float) -> np.ndarray:
+    return np.frombuffer(probability_digits(p), np.uint8)
 
 
 def keep_mask(
@@ -226,48 +235,46 @@ def keep_mask(
 ) -> Tensor:
     """A flat bool mask of ``numel`` independent entries, each True w.p. exactly ``1 - p``.
 
-    For ``0 < p < 1``; drawn from ``generator`` (torch's global CPU generator when None).
-    ``out``: a bool array of at least ``numel`` entries rounded up to a multiple of 8, to
-    write into instead of fresh memory.
+    For ``0 < p < 1``; the streams' keys are drawn from ``generator`` (torch's global CPU
+    generator when None). ``out``: a bool array of at least ``numel`` entries rounded up to
+    a multiple of 8, to write into instead of fresh memory.
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> round(keep_mask(1_000_000, 0.3).float().mean().item(), 2)
         0.7
     """
-    keep = _empty(-(-numel // 8) * 8, torch.bool) if out is None else out
-    if p == 0.5:  # one random bit a decision: a set bit keeps
-        draws, kernels = _random_bytes(-(-numel // 8), generator), compiled()
-        if kernels is None:
-            keep[:numel] = np.unpackbits(draws, count=numel, bitorder="little")
-        else:
-            kernels.spread_bits(draws, keep[: draws.size * 8].view(np.uint64))
-        return torch.from_numpy(keep[:numel])
-    digits = probability_digits(p)
-    words = _random_bytes(-(-numel // 8) * 8, generator)
-    # p = d / 256 exactly: keep iff u1 >= d, never a tie. Otherwise keep iff u1 > d.
-    on_grid = len(digits) == 1
-    threshold = digits[0] if on_grid else digits[0] + 1
-    ties = _decide(words, numel, threshold, -1 if on_grid else digits[0], keep)
-    if ties.size:
-        keep[_resolve_ties(ties, digits, generator)] = True
-    return torch.from_numpy(keep[:numel])
+    return _keep(numel, _draw(p, generator), out)
 
 
-def _decide(words: np.ndarray, numel: int, threshold: int, tie: int, keep: np.ndarray) -> np.ndarray:
-    """``keep = words >= threshold`` byte by byte; returns the positions below ``numel`` of
-    the bytes equal to ``tie`` (about 1 in 256; none for -1)."""
+def _keep(numel: int, draw: _Draw, out: np.ndarray | None = None) -> Tensor:
+    keep = torch.empty(-(-numel // 8) * 8, dtype=torch.bool) if out is None else torch.from_numpy(out)
     kernels = compiled()
-    if kernels is not None and threshold < 256:
-        ties = np.empty(numel // 128 + 64 if tie >= 0 else 0, np.int64)
-        count = kernels.decide_bytes(
-            words.view(np.uint64), threshold, tie, keep[: words.size].view(np.uint64), ties
-        )
-        if count <= ties.size:
-            return ties[:count][ties[:count] < numel]
-    # numpy: one thread, so a busy host does not stall it
-    np.greater_equal(words[:numel], threshold, out=keep[:numel])
-    return np.flatnonzero(words[:numel] == tie) if tie >= 0 else np.empty(0, np.int64)
+    if kernels is None:
+        keep[:numel] = _keep_by_torch_ops(numel, draw)
+    else:
+        digits = _digit_array(draw.p)
+        sizes = (numel, *draw.seeds, digits.size)
+        _run(kernels.MASK, -(-numel // 8), numel, (None, keep, None, digits), sizes, 0.0)
+    return keep[:numel]
+
+
+def _keep_by_torch_ops(numel: int, draw: _Draw) -> Tensor:
+    """The masks :func:`._compiled.draw_keep` draws, from the same streams, in torch ops."""
+    digits, (seed, tie_seed) = probability_digits(draw.p), draw.seeds
+    first = splitmix(torch.arange(-(-numel // 8)), seed).view(torch.uint8)[:numel]
+    if len(digits) == 1:
+        return first >= digits[0]
+    keep = first > digits[0]
+    tied, rounds = torch.nonzero(first == digits[0]).flatten(), (len(digits) + 6) // 8
+    for k, digit in enumerate(digits[1:]):
+        if k % 8 == 0:
+            words = splitmix(tied * rounds + k // 8, tie_seed)
+        byte = shifted(words, 8 * (k % 8)) & 255
+        keep[tied[byte > digit]] = True
+        tied, words = tied[byte == digit], words[byte == digit]
+    keep[tied] = True  # U >= p
+    return keep
 
 
 def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
@@ -288,21 +295,31 @@ def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
     return out
 
 
-def _apply(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
-    """``x * scale`` where the flat ``keep`` is True, each entry covering equal runs of ``x``."""
+def _apply(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> tuple[Tensor, Tensor]:
+    """``x * scale`` where the flat mask is True (each entry covering an equal run of ``x``),
+    and the mask; element masks still to draw are drawn in the pass that applies them."""
     source = x.contiguous()
     # a contiguous copy of x is ours to overwrite (backward: often a transposed gradient)
     out = source if inplace or source is not x else torch.empty_like(source)
-    _masked_scale(source.view(keep.numel(), -1), keep.view(1, -1), scale, out.view(1, keep.numel(), -1))
-    return x.copy_(out) if inplace and out is not x else out
+    kernels = _fits_compiled(source)
+    if isinstance(mask, _Draw) and kernels is not None:
+        numel, digits = source.numel(), _digit_array(mask.p)
+        keep = torch.empty(-(-numel // 8) * 8, dtype=torch.bool)
+        sizes = (numel, *mask.seeds, digits.size)
+        _run(kernels.DROPOUT, -(-numel // 8), numel, (source, keep, out, digits), sizes, scale)
+        keep = keep[:numel]
+    else:
+        keep = _keep(source.numel(), mask) if isinstance(mask, _Draw) else mask
+        _masked_scale(source.view(keep.numel(), -1), keep.view(1, -1), scale, out.view(1, keep.numel(), -1))
+    return (x.copy_(out) if inplace and out is not x else out), keep
 
 
 class _MaskedScale(torch.autograd.Function):
     """``x * scale`` on kept entries, 0 elsewhere; backward applies the same mask."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
-        out = _apply(x, keep, scale, inplace)
+    def forward(ctx: Any, x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> Tensor:
+        out, keep = _apply(x, mask, scale, inplace)
         if inplace:
             ctx.mark_dirty(x)
         ctx.save_for_backward(keep)
@@ -315,10 +332,10 @@ class _MaskedScale(torch.autograd.Function):
         return _MaskedScale.apply(grad, keep, ctx.scale, False), None, None, None
 
 
-def _masked(x: Tensor, keep: Tensor, scale: float, inplace: bool) -> Tensor:
+def _masked(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
-        return _MaskedScale.apply(x, keep, scale, inplace)
-    return _apply(x, keep, scale, inplace)
+        return _MaskedScale.apply(x, mask, scale, inplace)
+    return _apply(x, mask, scale, inplace)[0]
 
 
 def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -330,7 +347,7 @@ def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
         >>> bool(((y == 0) | (y == 4)).all())
         True
     """
-    return _masked(x, keep_mask(x.numel(), p), scale, inplace)
+    return _masked(x, _draw(p), scale, inplace)
 
 
 def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -345,18 +362,19 @@ def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) ->
 
 
 class _GaussianNoise(torch.autograd.Function):
-    """``x * (1 + sigma * eps)`` in one pass after the draw; backward multiplies by the noise."""
+    """``x * (1 + sigma * eps)``, drawn and multiplied in one pass; backward multiplies by
+    the noise."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, sigma: float) -> Tensor:
         source = x.contiguous()
-        noise = torch.randn_like(source)
         kernels = _fits_compiled(x)
         if kernels is None:
+            noise = torch.randn_like(source)
             out = source * noise.mul_(sigma).add_(1.0)
         else:
-            out = torch.empty_like(source)
-            _run(kernels.NOISE, out.numel(), out.numel(), (source, noise, out), (out.numel(),), sigma)
+            noise, out, numel = torch.empty_like(source), torch.empty_like(source), source.numel()
+            _run(kernels.NOISE, numel, numel, (source, noise, out), (numel, *_seeds()), sigma)
         ctx.save_for_backward(noise)
         return out
 
@@ -367,7 +385,11 @@ class _GaussianNoise(torch.autograd.Function):
 
 
 def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
-    """``x * (1 + sigma * eps)``, eps ~ N(0, 1) from ``torch.randn``: the reference's values.
+    """``x * (1 + sigma * eps)``, eps ~ N(0, 1).
+
+    With numba (float32, float64), eps comes from a ziggurat on SplitMix64 streams keyed
+    from torch's generator (:func:`._compiled.draw_normals`), drawn on every thread in the
+    pass that multiplies; otherwise from ``torch.randn`` (the reference's values).
 
     Example:
         >>> _ = torch.manual_seed(0)

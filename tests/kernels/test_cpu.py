@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lightning_dropout import Dropout, Dropout1d, Dropout2d, Dropout3d, GaussianDropout, kernels
-from lightning_dropout.kernels import cpu, reference
+from lightning_dropout.kernels import cpu
 
 SIGMAS = 5.0
 N = 1 << 22
@@ -153,7 +153,7 @@ def test_channels_kept_with_probability_one_minus_p(
 
 def test_the_layers_take_the_fast_path_for_large_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(cpu, "keep_mask", lambda *a, _f=cpu.keep_mask: calls.append("mask") or _f(*a))
+    monkeypatch.setattr(cpu, "_draw", lambda *a, _f=cpu._draw: calls.append("mask") or _f(*a))
     monkeypatch.setattr(
         cpu, "gaussian_dropout", lambda *a, _f=cpu.gaussian_dropout: calls.append("gaussian") or _f(*a)
     )
@@ -222,10 +222,7 @@ def _dropout_everywhere(seed: int) -> list[torch.Tensor]:
     masked = cpu.group_masked_weights(weight, 5, 0.3, torch.Generator().manual_seed(seed))
     masked.backward(torch.randn(40, 24, 5).permute(2, 1, 0))  # the transposed grad of a bmm
     results += [masked, weight.grad]
-    x = torch.randn(5000, dtype=torch.float64, requires_grad=True)
-    y = cpu.gaussian_dropout(x, 0.7)
-    y.backward(torch.ones_like(y))
-    return [*results, y, x.grad]
+    return results
 
 
 def test_numba_and_torch_ops_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,15 +233,32 @@ def test_numba_and_torch_ops_give_the_same_values(monkeypatch: pytest.MonkeyPatc
     by_torch_ops = _dropout_everywhere(3)
     for a, b in zip(compiled, by_torch_ops, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    # and the values are right: dropout keeps x * scale or gives 0, Gaussian is the reference
+    # and the values are right: dropout keeps x * scale or gives 0
     torch.manual_seed(4)
     x = torch.randn(100_003)
     y = cpu.dropout(x, 0.3, 1 / 0.7)
     assert torch.equal(y, torch.where(y != 0, x * (1 / 0.7), 0.0))
-    torch.manual_seed(4)
-    expected = reference.gaussian_dropout(x, 0.7)
-    torch.manual_seed(4)
-    assert torch.equal(cpu.gaussian_dropout(x, 0.7), expected)
+
+
+def test_gaussian_noise_is_standard_normal_and_reproducible(path: str) -> None:
+    # float64 ones and sigma 1: the output minus 1 is the noise itself
+    torch.manual_seed(6)
+    noise = cpu.gaussian_dropout(torch.ones(N, dtype=torch.float64), 1.0) - 1.0
+    assert abs(noise.mean().item()) <= SIGMAS / math.sqrt(N)
+    assert abs(noise.var().item() - 1.0) <= SIGMAS * math.sqrt(2 / N)
+    # the rectangles, the wedges and the tail beyond the last layer (3.654) of the ziggurat
+    for bound in (0.5, 2.0, 3.6541528853610088, 4.5):
+        assert_binomial(int((noise.abs() > bound).sum()), N, math.erfc(bound / math.sqrt(2)))
+    # Kolmogorov-Smirnov distance from N(0, 1), at a 1e-6 false-failure level
+    ordered = noise.sort().values
+    empirical = torch.arange(1, N + 1, dtype=torch.float64) / N
+    distance = (empirical - torch.special.ndtr(ordered)).abs().max().item()
+    assert distance <= math.sqrt(math.log(2 / 1e-6) / 2) / math.sqrt(N) + 1 / N
+    torch.manual_seed(6)
+    again = cpu.gaussian_dropout(torch.ones(N, dtype=torch.float64), 1.0) - 1.0
+    assert torch.equal(again, noise)
+    single = cpu.gaussian_dropout(torch.ones(N // 4), 0.5)  # float32: the same law
+    assert abs(single.mean().item() - 1.0) <= SIGMAS * 0.5 / math.sqrt(N // 4)
 
 
 def test_gaussian_gradient_is_the_noise(path: str) -> None:
@@ -276,7 +290,7 @@ def test_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: pytest.M
         def broken(*args: object) -> None:
             raise RuntimeError("no LLVM here")
 
-        monkeypatch.setattr(_compiled, "decide_bytes", broken)
+        monkeypatch.setattr(_compiled, "splitmix", broken)
         with pytest.warns(RuntimeWarning, match="no LLVM here"):
             assert cpu.compiled() is None
         x = torch.ones(10_000)
@@ -343,18 +357,17 @@ def test_large_passes_in_threads_and_after_a_fork(path: str) -> None:
     assert total == y.numpy().sum(dtype=np.float64)
 
 
-def test_byte_decisions_for_every_byte_and_threshold() -> None:
-    kernels = cpu.compiled()
-    if kernels is None:
+def test_compiled_masks_are_the_torch_ops_masks_for_every_leading_digit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if cpu.compiled() is None:
         pytest.skip("numba is not installed")
-    words = np.random.default_rng(0).permutation(np.tile(np.arange(256, dtype=np.uint8), 4))
-    for threshold in range(1, 256):
-        keep = np.empty(words.size, np.bool_)
-        ties = np.empty(64, np.int64)
-        tie = threshold - 1
-        count = kernels.decide_bytes(words.view(np.uint64), threshold, tie, keep.view(np.uint64), ties)
-        assert np.array_equal(keep, words >= threshold), threshold
-        assert np.array_equal(ties[:count], np.flatnonzero(words == tie)), threshold
+    # every first digit, on the 1/256 grid and off it (ties then go to the tie stream)
+    for digit in range(256):
+        for p in ([digit / 256] if digit else []) + [(digit + s) / 256 for s in (0.5, 2**-40, 1 - 2**-44)]:
+            draw = cpu._Draw(p, (digit * 7919 - 2**62, -digit))
+            expected = cpu._keep_by_torch_ops(4099, draw)
+            assert torch.equal(cpu._keep(4099, draw), expected), p
 
 
 def test_inputs_and_weights_keep_resizable_storage(path: str) -> None:
