@@ -61,12 +61,14 @@ def _fits_triton(x: Tensor) -> bool:
     return x.device.type in TRITON_DEVICES and x.dtype in TRITON_DTYPES
 
 
-# Below these many elements the CPU path's fixed cost (about 20 us a call, forward and
-# backward, for masks, threads and an autograd Function in Python) exceeds what it saves
-# over the reference path; measured on 2 cores (docs/performance.md).
-CPU_MIN_NUMEL = 4096
-CPU_MIN_NUMEL_CHANNELS = 32768
-CPU_MIN_NUMEL_GAUSSIAN = 131072
+# From these many elements the CPU path beats the reference path: below them its fixed
+# cost (about 60 us a forward + backward, for the keys, the job and an autograd Function
+# in Python) exceeds what it saves. Measured on 2 cores (docs/performance.md): dropout at
+# 1024 elements 61 vs 61 us, 2048 61 vs 78; channels at 8192 71 vs 73, 32768 92 vs 160;
+# Gaussian at 16384 78 vs 93.
+CPU_MIN_NUMEL = 1024
+CPU_MIN_NUMEL_CHANNELS = 8192
+CPU_MIN_NUMEL_GAUSSIAN = 16384
 
 
 def _cpu_fast(x: Tensor, min_numel: int) -> bool:

@@ -240,10 +240,13 @@ def masked_linear_backward(
 # Jobs shared out among torch's OpenMP threads. Header slots (int64):
 #   0 pieces, 1 items the pieces cover, 2 next piece (claimed atomically), 3 threads that
 #   claimed a piece (each thread's number, counted from 0, is its claim), 4 job kind,
-#   5-10 addresses of arrays, 11-14 sizes (the masks' seeds for MASK and DROPOUT), 15 the
-#   scale (in the arrays' dtype).
-HEADER = 16
+#   5-10 addresses of arrays, 11-18 sizes (and the streams' keys), 19 the scale (in the
+#   arrays' dtype).
+HEADER = 20
 ROWS, ELEMENTS, NOISE, LINEAR, LINEAR_BACKWARD, MASK, DROPOUT = range(7)
+# Each kind's time an element, relative to a pass over memory (2 cores): what decides
+# from which size sharing a pass among threads pays for waking them.
+COSTS = (1, 1, 16, 4, 4, 4, 4)
 
 
 def _fetch_add_typing(typingctx: Any, address: Any) -> Any:
@@ -275,10 +278,10 @@ _pointer: Any = intrinsic(_pointer_typing)
 def _serve(data: Any, zero: Any) -> None:
     """Claim pieces of the job at ``data`` until none is left, and do them."""
     header = _carray(data, HEADER, np.int64)
-    scale = _pointer(header.ctypes.data + 120, zero)[0]
+    scale = _pointer(header.ctypes.data + 8 * (HEADER - 1), zero)[0]
     pieces, items, kind = header[0], header[1], header[4]
     a, b, c, d, e, f = header[5], header[6], header[7], header[8], header[9], header[10]
-    n0, n1, n2, n3 = header[11], header[12], header[13], header[14]
+    n0, n1, n2, n3, n4 = header[11], header[12], header[13], header[14], header[15]
     byte, thread = np.uint8(0), -1
     raw = np.empty(BLOCK // 8 if kind >= MASK else 0, np.uint64)
     while True:
@@ -288,16 +291,19 @@ def _serve(data: Any, zero: Any) -> None:
         if thread < 0:
             thread = _fetch_add(header.ctypes.data + 24)
         start, stop = items * piece // pieces, items * (piece + 1) // pieces
-        if kind >= MASK:  # pieces of words; x, out (n0), keep (n0 rounded up to 8), digits (n3)
+        if kind >= MASK:  # pieces of mask words: keep (n0 entries, rounded up to 8), digits
+            # (n3), keys n1 and n2; DROPOUT: x, out (n0 entries of n4 elements)
             keep, digits = _carray(_pointer(b, byte), 8 * items), _carray(_pointer(d, byte), n3)
-            seed, tie_seed = np.uint64(n1), np.uint64(n2)
             for block in range(start, stop, BLOCK // 8):
                 lo, hi = 8 * block, 8 * min(stop, block + BLOCK // 8)
-                draw_keep(keep[lo:hi], block, seed, tie_seed, digits, raw)
-                if kind == DROPOUT and lo < n0:
+                draw_keep(keep[lo:hi], block, np.uint64(n1), np.uint64(n2), digits, raw)
+                hi = min(hi, n0)
+                if kind == DROPOUT and n4 == 1 and lo < hi:
                     x, out = _carray(_pointer(a, zero), n0), _carray(_pointer(c, zero), n0)
-                    hi = min(hi, n0)
                     scale_elements(x[lo:hi], keep[lo:hi], scale, out[lo:hi])
+                elif kind == DROPOUT and lo < hi:
+                    x, out = _carray(_pointer(a, zero), (n0, n4)), _carray(_pointer(c, zero), (n0, n4))
+                    scale_rows(x[lo:hi], keep[lo:hi], scale, out[lo:hi])
         elif kind == ROWS:  # x (n0, n1), keep (n0), out (n0, n1)
             x, out = _carray(_pointer(a, zero), (n0, n1)), _carray(_pointer(c, zero), (n0, n1))
             keep = _carray(_pointer(b, byte), n0)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import struct
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,9 +63,10 @@ __all__ = [
 NUMBA_SWITCH = "LIGHTNING_DROPOUT_NUMBA"
 _COMPILED_DTYPES = (torch.float32, torch.float64)
 _MIN_INT64 = -(2**63)
-# Below this many elements a pass runs on the calling thread alone: sharing it out costs
-# about what it saves (measured at 1M: 0.35 ms alone, 0.40 ms shared).
-_PARALLEL_NUMEL = 1 << 21
+# Below this much work (elements times the kind's cost) a pass runs on the calling thread
+# alone: sharing it out costs about what it saves (measured on 2 cores: a pass over 256K
+# elements took 68 us alone and 53 us shared, a dropout pass over 64K 55 and 38 us).
+_PARALLEL_WORK = 1 << 18
 # Channels at least this long are applied row by row; shorter ones element by element.
 _ROW_LENGTH = 16
 
@@ -87,7 +90,7 @@ def compiled() -> ModuleType | None:
     """The numba kernels, compiled, or None where numba is missing, switched off or fails.
 
     Example:
-        >>> compiled() is None or compiled().HEADER == 16
+        >>> compiled() is None or callable(compiled().splitmix)
         True
     """
     if os.environ.get(NUMBA_SWITCH, "1") == "0":
@@ -142,17 +145,19 @@ def _openmp_parallel() -> Callable[..., None] | None:
 class _Threads:
     """How many threads a pass gets: torch's count, or one after a pass found the host busy.
 
-    A thread that claimed no piece of a pass arrived after the others had done it all: the
-    cores it waits for are busy with other work, and every parallel pass would wait for
-    them again (torch's own ops were measured at several times their idle time on such a
-    host). Passes then run on the calling thread alone for ``_SERIAL_S`` before trying again.
+    A pass that took more than ``_LATE_S`` while one of its threads claimed no piece waited
+    for a thread that arrived after the others had done all the work: the cores it waits
+    for are busy with other work, and every parallel pass would wait for them again
+    (torch's own ops were measured at several times their idle time on such a host).
+    Passes then run on the calling thread alone for ``_SERIAL_S`` before trying again. (A
+    short pass is often done before a sleeping thread wakes: no sign of a busy host.)
     """
 
     def __init__(self) -> None:
         self.pid, self.serial_until = os.getpid(), 0.0
 
-    def count(self, numel: int) -> int:
-        if numel < _PARALLEL_NUMEL or _openmp_parallel() is None or os.getpid() != self.pid:
+    def count(self, work: int) -> int:
+        if work < _PARALLEL_WORK or _openmp_parallel() is None or os.getpid() != self.pid:
             return 1  # a forked child: GNU OpenMP hangs in a child forked after it ran
         return 1 if time.monotonic() < self.serial_until else torch.get_num_threads()
 
@@ -161,7 +166,7 @@ class _Threads:
 
 
 _THREADS = _Threads()
-_SERIAL_S = 0.5
+_SERIAL_S, _LATE_S = 0.5, 1e-3
 
 
 def _empty(size: int, dtype: torch.dtype) -> np.ndarray:
@@ -188,46 +193,66 @@ def _run(
     (contiguous, float ones all float32 or all float64; they must outlive the call)."""
     kernels = compiled()
     assert kernels is not None
-    threads = _THREADS.count(numel) if threads is None else threads
-    header = np.zeros(kernels.HEADER, np.int64)
-    header[:2] = 1 if threads == 1 else min(items, 4 * threads), items
-    header[4] = kind
-    header[5 : 5 + len(arrays)] = [_address(array) for array in arrays]
-    header[11 : 11 + len(sizes)] = sizes
-    single = not any(isinstance(array, Tensor) and array.dtype == torch.float64 for array in arrays)
-    header[15:].view(np.float32 if single else np.float64)[0] = scale  # rounded as torch rounds it
-    serve = kernels.serve_float32 if single else kernels.serve_float64
+    threads = _THREADS.count(numel * kernels.COSTS[kind]) if threads is None else threads
+    double = any(isinstance(array, Tensor) and array.dtype == torch.float64 for array in arrays)
+    # the scale's bits in the arrays' dtype, rounded as torch rounds a float64 scalar
+    bits = struct.unpack("<q" if double else "<i", struct.pack("<d" if double else "<f", scale))
+    header = _Header(
+        1 if threads == 1 else min(items, 4 * threads),
+        items,
+        0,
+        0,
+        kind,
+        *[_address(array) for array in arrays],
+        *[0] * (6 - len(arrays)),
+        *sizes,
+        *[0] * (8 - len(sizes)),
+        *bits,
+    )
+    serve = kernels.serve_float64 if double else kernels.serve_float32
     if threads == 1:
-        serve.ctypes(header.ctypes.data)  # the GIL released, as for any ctypes call
+        serve.ctypes(header)  # the GIL released, as for any ctypes call
         return
     parallel = _openmp_parallel()
     assert parallel is not None
-    parallel(serve.address, header.ctypes.data, threads, 0)
-    if header[3] < threads:
+    start = time.perf_counter()
+    parallel(serve.address, header, threads, 0)
+    if header[3] < threads and time.perf_counter() - start > _LATE_S:
         _THREADS.busy()
 
 
+_Header = ctypes.c_int64 * 20  # the layout of _compiled.HEADER
+
+
 class _Draw(NamedTuple):
-    """Masks still to be drawn: ``p`` and the keys of the two streams they are read from."""
+    """``entries`` masks still to be drawn: ``p`` and the keys of the streams they are read
+    from."""
 
     p: float
+    entries: int
     seeds: tuple[int, int]
 
 
 def _seeds(generator: torch.Generator | None = None) -> tuple[int, int]:
     """Keys of two streams, drawn from ``generator`` (torch's global CPU generator when
     None): what makes the draws reproducible under ``torch.manual_seed``."""
-    first, second = torch.empty(2, dtype=torch.int64).random_(_MIN_INT64, None, generator=generator).tolist()
+    words = getattr(_SEED_WORDS, "words", None)
+    if words is None:  # one buffer a thread: a fresh tensor costs more than the draw
+        words = _SEED_WORDS.words = torch.empty(2, dtype=torch.int64)
+    first, second = words.random_(_MIN_INT64, None, generator=generator).tolist()
     return first, second
 
 
-def _draw(p: float, generator: torch.Generator | None = None) -> _Draw:
-    return _Draw(p, _seeds(generator))
+_SEED_WORDS = threading.local()
+
+
+def _draw(p: float, entries: int, generator: torch.Generator | None = None) -> _Draw:
+    return _Draw(p, entries, _seeds(generator))
 
 
 @functools.lru_cache(maxsize=256)
-def _digit_array(p: float) -> np.ndarray:
-    return np.frombuffer(probability_digits(p), np.uint8)
+def _digit_array(p: float) -> Tensor:
+    return torch.frombuffer(bytearray(probability_digits(p)), dtype=torch.uint8)
 
 
 def keep_mask(
@@ -244,24 +269,25 @@ def keep_mask(
         >>> round(keep_mask(1_000_000, 0.3).float().mean().item(), 2)
         0.7
     """
-    return _keep(numel, _draw(p, generator), out)
+    return _keep(_draw(p, numel, generator), out)
 
 
-def _keep(numel: int, draw: _Draw, out: np.ndarray | None = None) -> Tensor:
+def _keep(draw: _Draw, out: np.ndarray | None = None) -> Tensor:
+    numel = draw.entries
     keep = torch.empty(-(-numel // 8) * 8, dtype=torch.bool) if out is None else torch.from_numpy(out)
     kernels = compiled()
     if kernels is None:
-        keep[:numel] = _keep_by_torch_ops(numel, draw)
+        keep[:numel] = _keep_by_torch_ops(draw)
     else:
         digits = _digit_array(draw.p)
-        sizes = (numel, *draw.seeds, digits.size)
+        sizes = (numel, *draw.seeds, digits.numel())
         _run(kernels.MASK, -(-numel // 8), numel, (None, keep, None, digits), sizes, 0.0)
     return keep[:numel]
 
 
-def _keep_by_torch_ops(numel: int, draw: _Draw) -> Tensor:
+def _keep_by_torch_ops(draw: _Draw) -> Tensor:
     """The masks :func:`._compiled.draw_keep` draws, from the same streams, in torch ops."""
-    digits, (seed, tie_seed) = probability_digits(draw.p), draw.seeds
+    numel, digits, (seed, tie_seed) = draw.entries, probability_digits(draw.p), draw.seeds
     first = splitmix(torch.arange(-(-numel // 8)), seed).view(torch.uint8)[:numel]
     if len(digits) == 1:
         return first >= digits[0]
@@ -277,20 +303,23 @@ def _keep_by_torch_ops(numel: int, draw: _Draw) -> Tensor:
     return keep
 
 
-def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor) -> Tensor:
+def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor, groups: int = 1) -> Tensor:
     """``out[g, e, :] = x[e, :] * scale`` where ``keep[g, e]``, exactly +0.0 elsewhere.
 
-    ``x`` (E, L) and ``out`` (G, E, L) contiguous, ``keep`` (G, E) bool; returns ``out``.
+    Contiguous ``x`` (E entries of equal runs), ``keep`` (G * E bools) and ``out`` (G
+    copies of ``x``'s size), G = ``groups``; returns ``out``.
     """
+    entries = keep.numel() // groups
+    length = x.numel() // entries if entries else 0
     kernels = _fits_compiled(x)
     if kernels is None:
-        torch.mul(x.expand_as(out), scale, out=out)
-        return out.masked_fill_(~keep.unsqueeze(-1), 0.0)
-    groups, entries, length = out.shape
-    if groups == 1 and length >= _ROW_LENGTH:  # channels: dropped rows are not read
+        shape = (groups, entries, length)
+        torch.mul(x.view(1, entries, length).expand(shape), scale, out=out.view(shape))
+        out.view(shape).masked_fill_(~keep.view(groups, entries, 1), 0.0)
+    elif groups == 1 and length >= _ROW_LENGTH:  # channels: dropped rows are not read
         _run(kernels.ROWS, entries, out.numel(), (x, keep, out), (entries, length), scale)
     else:
-        keep = keep.repeat_interleave(length, dim=1) if length > 1 else keep
+        keep = keep.view(groups, entries).repeat_interleave(length, dim=1) if length > 1 else keep
         _run(kernels.ELEMENTS, x.numel(), out.numel(), (x, keep, out), (groups, x.numel()), scale)
     return out
 
@@ -303,14 +332,15 @@ def _apply(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> tupl
     out = source if inplace or source is not x else torch.empty_like(source)
     kernels = _fits_compiled(source)
     if isinstance(mask, _Draw) and kernels is not None:
-        numel, digits = source.numel(), _digit_array(mask.p)
-        keep = torch.empty(-(-numel // 8) * 8, dtype=torch.bool)
-        sizes = (numel, *mask.seeds, digits.size)
-        _run(kernels.DROPOUT, -(-numel // 8), numel, (source, keep, out, digits), sizes, scale)
-        keep = keep[:numel]
+        entries, digits = mask.entries, _digit_array(mask.p)
+        keep = torch.empty(-(-entries // 8) * 8, dtype=torch.bool)
+        length = source.numel() // entries if entries else 1
+        sizes = (entries, *mask.seeds, digits.numel(), length)
+        _run(kernels.DROPOUT, -(-entries // 8), source.numel(), (source, keep, out, digits), sizes, scale)
+        keep = keep[:entries]
     else:
-        keep = _keep(source.numel(), mask) if isinstance(mask, _Draw) else mask
-        _masked_scale(source.view(keep.numel(), -1), keep.view(1, -1), scale, out.view(1, keep.numel(), -1))
+        keep = _keep(mask) if isinstance(mask, _Draw) else mask
+        _masked_scale(source, keep, scale, out)
     return (x.copy_(out) if inplace and out is not x else out), keep
 
 
@@ -347,7 +377,7 @@ def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
         >>> bool(((y == 0) | (y == 4)).all())
         True
     """
-    return _masked(x, _draw(p), scale, inplace)
+    return _masked(x, _draw(p, x.numel()), scale, inplace)
 
 
 def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
@@ -358,7 +388,7 @@ def channel_dropout(x: Tensor, p: float, scale: float, inplace: bool = False) ->
         >>> bool((y.amax(dim=2) == y.amin(dim=2)).all())
         True
     """
-    return _masked(x, keep_mask(x.shape[0] * x.shape[1], p), scale, inplace)
+    return _masked(x, _draw(p, x.shape[0] * x.shape[1]), scale, inplace)
 
 
 class _GaussianNoise(torch.autograd.Function):
@@ -416,16 +446,15 @@ class _GroupMaskedWeights(torch.autograd.Function):
         # One group at a time: a contiguous copy of all of ``grad`` (often a transposed
         # view from the matmul) would cost as much memory as the chunk's masked weights.
         buffer = torch.empty_like(total)
-        flat = buffer.view(-1, 1)
         for group in range(keep.shape[0]):
             buffer.copy_(grad[group])
-            total.add_(_masked_scale(flat, keep[group : group + 1], ctx.scale, flat[None]).view_as(total))
+            total.add_(_masked_scale(buffer, keep[group], ctx.scale, buffer))
         return total, None, None
 
 
 def _group_masked(weight: Tensor, keep: Tensor, scale: float) -> Tensor:
     masked = weight.new_empty(keep.shape[0], *weight.shape)
-    _masked_scale(weight.reshape(-1, 1), keep, scale, masked.view(*keep.shape, 1))
+    _masked_scale(weight, keep, scale, masked, groups=keep.shape[0])
     return masked
 
 
@@ -487,7 +516,7 @@ class _MaskedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
         for part, keep in _chunk_masks(weight, ctx.p, ctx.seeds, x.shape[0]):
-            threads = _THREADS.count(keep.size)
+            threads = _THREADS.count(keep.size * kernels.COSTS[kernels.LINEAR_BACKWARD])
             # one block of grad_x a thread: every weight row adds to all of x
             blocks = x.new_zeros(threads, *x[part].shape)
             arrays = (x[part], weight, keep, grad[part], blocks, grad_weight)

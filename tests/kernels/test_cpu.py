@@ -365,9 +365,8 @@ def test_compiled_masks_are_the_torch_ops_masks_for_every_leading_digit(
     # every first digit, on the 1/256 grid and off it (ties then go to the tie stream)
     for digit in range(256):
         for p in ([digit / 256] if digit else []) + [(digit + s) / 256 for s in (0.5, 2**-40, 1 - 2**-44)]:
-            draw = cpu._Draw(p, (digit * 7919 - 2**62, -digit))
-            expected = cpu._keep_by_torch_ops(4099, draw)
-            assert torch.equal(cpu._keep(4099, draw), expected), p
+            draw = cpu._Draw(p, 4099, (digit * 7919 - 2**62, -digit))
+            assert torch.equal(cpu._keep(draw), cpu._keep_by_torch_ops(draw)), p
 
 
 def test_inputs_and_weights_keep_resizable_storage(path: str) -> None:
