@@ -1,30 +1,34 @@
-"""The CPU fast path: exact Bernoulli masks from torch's random bytes, applied in one pass.
+"""The CPU fast path: exact Bernoulli masks drawn and applied in one pass on every thread.
 
 Masks. On CPU ``bernoulli_`` costs about 10 ns an element and a copy 0.2 ns: the draw is
-what dropout pays for. This path draws 64-bit words from torch's own generator
-(``random_``: reproducible under ``torch.manual_seed``, and per rank where the caller
-seeds per rank) and reads them as one uniform byte per decision. An element is dropped
-iff ``U < p``, where ``U = 0.u1 u2 ...`` (base 256) is uniform on [0, 1) and
-``p = 0.p1 p2 ... pk`` is the exact base-256 expansion of the float64 ``p``. The first
-byte decides unless ``u1 == p1`` (probability 1/256, never when ``p`` is a multiple of
-1/256); only those ties draw further bytes, until the tie is gone or the expansion ends
-(then ``U >= p``: kept). So every element is dropped independently with probability
-exactly ``p``. ``p = 0.5`` takes one random bit a decision instead of a byte. The mask is
-one bool an element (or channel), kept for backward as torch keeps its own.
+what torch's dropout pays for. Here each call draws two 64-bit keys from torch's own
+generator (so ``torch.manual_seed`` reproduces every mask, and per-rank seeding gives
+per-rank masks) and reads the masks from SplitMix64 streams under those keys
+(:mod:`._splitmix`): word ``k`` of a stream is a function of the key and ``k`` alone, so
+every thread computes its own piece, about 0.5 ns a word. An element is dropped iff
+``U < p``, where ``U = 0.u1 u2 ...`` (base 256) is uniform on [0, 1) and ``p = 0.p1 p2 ...
+pk`` is the exact base-256 expansion of the float64 ``p``. Element i's first byte is byte
+``i % 8`` of word ``i // 8`` of the first stream; it decides unless ``u1 == p1``
+(probability 1/256, never when ``p`` is a multiple of 1/256), when the element's further
+bytes come from the second stream until the tie is gone or the expansion ends (then
+``U >= p``: kept). So every element is dropped independently with probability exactly
+``p``. The mask is one bool an element (or channel), kept for backward as torch keeps its
+own.
 
-Applying. With numba, one compiled pass (:mod:`._compiled`) writes ``x * scale`` on kept
-entries and +0.0 on dropped ones without reading them, so a dropped inf or NaN gives an
-exact 0 (float32 and float64). Without numba, and for other dtypes, torch ops compute the
-same values from the same masks. Per-sample DropConnect of a linear layer multiplies by
-its masks without building the masked weights (:func:`group_masked_linear`).
+Applying. With numba, one compiled pass (:mod:`._compiled`) draws a block of masks and
+writes ``x * scale`` on its kept entries and +0.0 on dropped ones without reading them, so
+a dropped inf or NaN gives an exact 0 (float32 and float64). Without numba, and for other
+dtypes, torch ops compute the same masks and values. Gaussian noise is drawn the same way
+(a ziggurat on the streams). Per-sample DropConnect of a linear layer multiplies by its
+masks without building the masked weights (:func:`group_masked_linear`).
 
 Threads. Large passes run on torch's own OpenMP threads (the runtime torch loaded, entered
 through ``GOMP_parallel``), which claim pieces of the pass one at a time. Those threads
 spin for a while after each torch op: a pool of our own (tried first) waited for them to
-give up a core and ran 2-3x slower right after a torch op than alone. A thread that
-claims no piece shows that the other cores are busy; passes then run on the calling
-thread alone for a while (see :class:`_Threads`). Without an OpenMP runtime of torch's
-(macOS, Windows), or in a forked child, passes run on the calling thread.
+give up a core and ran 2-3x slower right after a torch op than alone. A pass that waited
+for a thread that claimed nothing shows that the other cores are busy; passes then run on
+the calling thread alone for a while (:class:`_Threads`). Without an OpenMP runtime of
+torch's (macOS, Windows), or in a forked child, passes run on the calling thread.
 """
 
 from __future__ import annotations

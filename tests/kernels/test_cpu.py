@@ -8,11 +8,13 @@ side (the ``paths`` fixture) and must give the same values from the same seed.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import select
 import signal
 import struct
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -355,6 +357,35 @@ def test_large_passes_in_threads_and_after_a_fork(path: str) -> None:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
     assert total == y.numpy().sum(dtype=np.float64)
+
+
+def test_a_pass_kept_waiting_by_a_late_thread_runs_the_next_passes_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernels = cpu.compiled()
+    if kernels is None or cpu._openmp_parallel() is None:
+        pytest.skip("needs numba and torch's OpenMP runtime")
+
+    def late_team(serve: int, header: object, threads: int, flags: int) -> None:
+        # the calling thread does every piece; the other thread shows up 3 ms later
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p)(serve)(header)
+        time.sleep(0.003)
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p)(serve)(header)
+
+    monkeypatch.setattr(cpu, "_openmp_parallel", lambda: late_team)
+    monkeypatch.setattr(cpu, "_THREADS", cpu._Threads())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(1 << 20)
+    assert cpu._THREADS.count(x.numel()) == 2
+    torch.manual_seed(3)
+    y = cpu.dropout(x, 0.3, 1 / 0.7)
+    assert cpu._THREADS.count(x.numel()) == 1  # the host is busy: passes run alone
+    assert torch.equal(y, torch.where(y != 0, x * (1 / 0.7), 0.0))
+    torch.manual_seed(3)
+    assert torch.equal(cpu.dropout(x, 0.3, 1 / 0.7), y)  # alone: the same values
+    cpu._THREADS.serial_until = 0.0  # the pause is over
+    assert cpu._THREADS.count(x.numel()) == 2
+    assert cpu._THREADS.count(1000) == 1  # too little work to share at any time
 
 
 def test_compiled_masks_are_the_torch_ops_masks_for_every_leading_digit(
