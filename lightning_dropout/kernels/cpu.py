@@ -194,11 +194,11 @@ def _run(
     threads: int | None = None,
 ) -> None:
     """A job of the compiled kernels (``kind``, over ``items`` in pieces) on ``arrays``
-    (contiguous, float ones all float32 or all float64; they must outlive the call)."""
+    (contiguous; the float ones of ``arrays[0]``'s dtype; they must outlive the call)."""
     kernels = compiled()
     assert kernels is not None
     threads = _THREADS.count(numel * kernels.COSTS[kind]) if threads is None else threads
-    double = any(isinstance(array, Tensor) and array.dtype == torch.float64 for array in arrays)
+    double = isinstance(arrays[0], Tensor) and arrays[0].dtype == torch.float64
     # the scale's bits in the arrays' dtype, rounded as torch rounds a float64 scalar
     bits = struct.unpack("<q" if double else "<i", struct.pack("<d" if double else "<f", scale))
     header = _Header(
@@ -363,12 +363,18 @@ class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (keep,) = ctx.saved_tensors
-        return _MaskedScale.apply(grad, keep, ctx.scale, False), None, None, None
+        # differentiable again only when a second derivative is being built
+        masked = _MaskedScale.apply if torch.is_grad_enabled() else _masked_plain
+        return masked(grad, keep, ctx.scale, False), None, None, None
 
 
 def _masked(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaskedScale.apply(x, mask, scale, inplace)
+    return _masked_plain(x, mask, scale, inplace)
+
+
+def _masked_plain(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> Tensor:
     return _apply(x, mask, scale, inplace)[0]
 
 
