@@ -284,6 +284,7 @@ def _serve(data: Any, zero: Any) -> None:
     n0, n1, n2, n3, n4 = header[11], header[12], header[13], header[14], header[15]
     byte, thread = np.uint8(0), -1
     raw = np.empty(BLOCK // 8 if kind >= MASK else 0, np.uint64)
+    scratch = np.empty(BLOCK if kind == DROPOUT else 0, np.uint8)
     while True:
         piece = _fetch_add(header.ctypes.data + 16)
         if piece >= pieces:
@@ -291,19 +292,22 @@ def _serve(data: Any, zero: Any) -> None:
         if thread < 0:
             thread = _fetch_add(header.ctypes.data + 24)
         start, stop = items * piece // pieces, items * (piece + 1) // pieces
-        if kind >= MASK:  # pieces of mask words: keep (n0 entries, rounded up to 8), digits
-            # (n3), keys n1 and n2; DROPOUT: x, out (n0 entries of n4 elements)
-            keep, digits = _carray(_pointer(b, byte), 8 * items), _carray(_pointer(d, byte), n3)
+        if kind >= MASK:  # pieces of mask words: keep (n0 entries, rounded up to 8; DROPOUT:
+            # none at address 0), digits (n3), keys n1 and n2; DROPOUT: x, out (n0 entries of
+            # n4 elements)
+            digits = _carray(_pointer(d, byte), n3)
+            keep = _carray(_pointer(b, byte), 8 * items if b else 0)
             for block in range(start, stop, BLOCK // 8):
                 lo, hi = 8 * block, 8 * min(stop, block + BLOCK // 8)
-                draw_keep(keep[lo:hi], block, np.uint64(n1), np.uint64(n2), digits, raw)
+                decided = keep[lo:hi] if b else scratch[: hi - lo]
+                draw_keep(decided, block, np.uint64(n1), np.uint64(n2), digits, raw)
                 hi = min(hi, n0)
                 if kind == DROPOUT and n4 == 1 and lo < hi:
                     x, out = _carray(_pointer(a, zero), n0), _carray(_pointer(c, zero), n0)
-                    scale_elements(x[lo:hi], keep[lo:hi], scale, out[lo:hi])
+                    scale_elements(x[lo:hi], decided, scale, out[lo:hi])
                 elif kind == DROPOUT and lo < hi:
                     x, out = _carray(_pointer(a, zero), (n0, n4)), _carray(_pointer(c, zero), (n0, n4))
-                    scale_rows(x[lo:hi], keep[lo:hi], scale, out[lo:hi])
+                    scale_rows(x[lo:hi], decided, scale, out[lo:hi])
         elif kind == ROWS:  # x (n0, n1), keep (n0), out (n0, n1)
             x, out = _carray(_pointer(a, zero), (n0, n1)), _carray(_pointer(c, zero), (n0, n1))
             keep = _carray(_pointer(b, byte), n0)

@@ -12,8 +12,8 @@ pk`` is the exact base-256 expansion of the float64 ``p``. Element i's first byt
 (probability 1/256, never when ``p`` is a multiple of 1/256), when the element's further
 bytes come from the second stream until the tie is gone or the expansion ends (then
 ``U >= p``: kept). So every element is dropped independently with probability exactly
-``p``. The mask is one bool an element (or channel), kept for backward as torch keeps its
-own.
+``p``. Backward draws the same masks again from the same keys, so nothing per element is
+kept for it (torch keeps a mask as large as the input; the torch-ops path a bool an entry).
 
 Applying. With numba, one compiled pass (:mod:`._compiled`) draws a block of masks and
 writes ``x * scale`` on its kept entries and +0.0 on dropped ones without reading them, so
@@ -328,24 +328,25 @@ def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor, groups: in
     return out
 
 
-def _apply(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> tuple[Tensor, Tensor]:
+def _apply(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> tuple[Tensor, Tensor | _Draw]:
     """``x * scale`` where the flat mask is True (each entry covering an equal run of ``x``),
-    and the mask; element masks still to draw are drawn in the pass that applies them."""
+    and what backward needs to apply the same mask: masks still to draw are drawn in the
+    pass that applies them, and backward draws them again from the same keys (nothing per
+    element is kept), except on the torch-ops path, which keeps them."""
     source = x.contiguous()
     # a contiguous copy of x is ours to overwrite (backward: often a transposed gradient)
     out = source if inplace or source is not x else torch.empty_like(source)
     kernels = _fits_compiled(source)
+    kept: Tensor | _Draw = mask
     if isinstance(mask, _Draw) and kernels is not None:
         entries, digits = mask.entries, _digit_array(mask.p)
-        keep = torch.empty(-(-entries // 8) * 8, dtype=torch.bool)
         length = source.numel() // entries if entries else 1
         sizes = (entries, *mask.seeds, digits.numel(), length)
-        _run(kernels.DROPOUT, -(-entries // 8), source.numel(), (source, keep, out, digits), sizes, scale)
-        keep = keep[:entries]
+        _run(kernels.DROPOUT, -(-entries // 8), source.numel(), (source, None, out, digits), sizes, scale)
     else:
-        keep = _keep(mask) if isinstance(mask, _Draw) else mask
-        _masked_scale(source, keep, scale, out)
-    return (x.copy_(out) if inplace and out is not x else out), keep
+        kept = _keep(mask) if isinstance(mask, _Draw) else mask
+        _masked_scale(source, kept, scale, out)
+    return (x.copy_(out) if inplace and out is not x else out), kept
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -353,19 +354,20 @@ class _MaskedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> Tensor:
-        out, keep = _apply(x, mask, scale, inplace)
+        out, kept = _apply(x, mask, scale, inplace)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
+        if isinstance(kept, Tensor):
+            ctx.save_for_backward(kept)
+        ctx.draw, ctx.scale = kept if isinstance(kept, _Draw) else None, scale
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        (keep,) = ctx.saved_tensors
+        mask = ctx.draw if ctx.draw is not None else ctx.saved_tensors[0]
         # differentiable again only when a second derivative is being built
         masked = _MaskedScale.apply if torch.is_grad_enabled() else _masked_plain
-        return masked(grad, keep, ctx.scale, False), None, None, None
+        return masked(grad, mask, ctx.scale, False), None, None, None
 
 
 def _masked(x: Tensor, mask: Tensor | _Draw, scale: float, inplace: bool) -> Tensor:
