@@ -243,10 +243,10 @@ def masked_linear_backward(
 #   5-10 addresses of arrays, 11-18 sizes (and the streams' keys), 19 the scale (in the
 #   arrays' dtype).
 HEADER = 20
-ROWS, ELEMENTS, NOISE, LINEAR, LINEAR_BACKWARD, MASK, DROPOUT = range(7)
+ELEMENTS, NOISE, LINEAR, LINEAR_BACKWARD, MASK, DROPOUT = range(6)
 # Each kind's time an element, relative to a pass over memory (2 cores): what decides
 # from which size sharing a pass among threads pays for waking them.
-COSTS = (1, 1, 16, 4, 4, 4, 4)
+COSTS = (1, 16, 4, 4, 4, 4)
 
 
 def _fetch_add_typing(typingctx: Any, address: Any) -> Any:
@@ -308,10 +308,6 @@ def _serve(data: Any, zero: Any) -> None:
                 elif kind == DROPOUT and lo < hi:
                     x, out = _carray(_pointer(a, zero), (n0, n4)), _carray(_pointer(c, zero), (n0, n4))
                     scale_rows(x[lo:hi], decided, scale, out[lo:hi])
-        elif kind == ROWS:  # x (n0, n1), keep (n0), out (n0, n1)
-            x, out = _carray(_pointer(a, zero), (n0, n1)), _carray(_pointer(c, zero), (n0, n1))
-            keep = _carray(_pointer(b, byte), n0)
-            scale_rows(x[start:stop], keep[start:stop], scale, out[start:stop])
         elif kind == ELEMENTS:  # x (n1), keep (n0, n1), out (n0, n1)
             x = _carray(_pointer(a, zero), n1)
             keep = _carray(_pointer(b, byte), (n0, n1))

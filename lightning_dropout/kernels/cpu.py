@@ -71,8 +71,6 @@ _MIN_INT64 = -(2**63)
 # alone: sharing it out costs about what it saves (measured on 2 cores: a pass over 256K
 # elements took 68 us alone and 53 us shared, a dropout pass over 64K 55 and 38 us).
 _PARALLEL_WORK = 1 << 18
-# Channels at least this long are applied row by row; shorter ones element by element.
-_ROW_LENGTH = 16
 
 
 @functools.lru_cache(maxsize=256)
@@ -311,20 +309,18 @@ def _masked_scale(x: Tensor, keep: Tensor, scale: float, out: Tensor, groups: in
     """``out[g, e, :] = x[e, :] * scale`` where ``keep[g, e]``, exactly +0.0 elsewhere.
 
     Contiguous ``x`` (E entries of equal runs), ``keep`` (G * E bools) and ``out`` (G
-    copies of ``x``'s size), G = ``groups``; returns ``out``.
+    copies of ``x``'s size), G = ``groups``; returns ``out``. (Masks that are drawn in
+    the pass never come here: see :func:`_apply`.)
     """
     entries = keep.numel() // groups
     length = x.numel() // entries if entries else 0
     kernels = _fits_compiled(x)
-    if kernels is None:
-        shape = (groups, entries, length)
-        torch.mul(x.view(1, entries, length).expand(shape), scale, out=out.view(shape))
-        out.view(shape).masked_fill_(~keep.view(groups, entries, 1), 0.0)
-    elif groups == 1 and length >= _ROW_LENGTH:  # channels: dropped rows are not read
-        _run(kernels.ROWS, entries, out.numel(), (x, keep, out), (entries, length), scale)
-    else:
-        keep = keep.view(groups, entries).repeat_interleave(length, dim=1) if length > 1 else keep
+    if kernels is not None and length == 1:
         _run(kernels.ELEMENTS, x.numel(), out.numel(), (x, keep, out), (groups, x.numel()), scale)
+        return out
+    shape = (groups, entries, length)
+    torch.mul(x.view(1, entries, length).expand(shape), scale, out=out.view(shape))
+    out.view(shape).masked_fill_(~keep.view(groups, entries, 1), 0.0)
     return out
 
 

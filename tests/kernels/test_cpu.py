@@ -215,7 +215,7 @@ def _dropout_everywhere(seed: int) -> list[torch.Tensor]:
     x = torch.randn(300, 1000, requires_grad=True)
     for args in [(x.t(), 0.3, 2.0), (x, 0.75, 1.0)]:  # non-contiguous; original scaling
         results.append(cpu.dropout(*args))
-    for length in (1, 3, 16, 64):  # short channels go element by element, long ones by rows
+    for length in (1, 3, 16, 64):  # one element a channel, short and long rows
         x = torch.randn(8, 32, length, requires_grad=True)
         y = cpu.channel_dropout(x, 0.3, 1 / 0.7)
         y.backward(torch.ones_like(y))
