@@ -1,8 +1,9 @@
 """numba kernels of the CPU path (imported only where numba is installed).
 
-Each kernel is one pass over memory, releases the GIL and is compiled on first use, then
-cached on disk. Scales arrive in the arrays' dtype, so ``x * scale`` rounds as torch's
-``x * scale`` does; dropped entries are written as +0.0 without reading the input.
+Each kernel is one pass over memory and releases the GIL; all are compiled when this module
+is imported (into the two C functions below), then cached on disk. Scales arrive in the
+arrays' dtype, so ``x * scale`` rounds as torch's ``x * scale`` does; dropped entries are
+written as +0.0 without reading the input.
 
 The passes that run on several threads are reached through :func:`serve_float32` and
 :func:`serve_float64`: C functions that torch's own OpenMP runtime runs on each thread of a
@@ -104,9 +105,9 @@ def scale_rows(x: np.ndarray, keep: np.ndarray, scale: np.floating[Any], out: np
 
 
 def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Marsaglia & Tsang's ziggurat of the standard normal, 256 layers of 52-bit draws
-    (numpy's ``standard_normal`` builds the same): each layer's accept limit, width and
-    density at its edge."""
+    """Marsaglia & Tsang's ziggurat of the standard normal, 256 layers of 52-bit draws (the
+    layout of numpy's ``standard_normal``): each layer's accept limit, width and density at
+    its edge."""
     limits, widths, densities = np.zeros(256, np.uint64), np.zeros(256), np.zeros(256)
     edge = previous = _TAIL
     q = _LAYER_AREA / math.exp(-0.5 * edge * edge)
@@ -301,13 +302,13 @@ def _serve(data: Any, zero: Any) -> None:
                 lo, hi = 8 * block, 8 * min(stop, block + BLOCK // 8)
                 decided = keep[lo:hi] if b else scratch[: hi - lo]
                 draw_keep(decided, block, np.uint64(n1), np.uint64(n2), digits, raw)
-                hi = min(hi, n0)
+                hi = min(hi, n0)  # the last word's entries past n0 are no one's
                 if kind == DROPOUT and n4 == 1 and lo < hi:
                     x, out = _carray(_pointer(a, zero), n0), _carray(_pointer(c, zero), n0)
-                    scale_elements(x[lo:hi], decided, scale, out[lo:hi])
+                    scale_elements(x[lo:hi], decided[: hi - lo], scale, out[lo:hi])
                 elif kind == DROPOUT and lo < hi:
                     x, out = _carray(_pointer(a, zero), (n0, n4)), _carray(_pointer(c, zero), (n0, n4))
-                    scale_rows(x[lo:hi], decided, scale, out[lo:hi])
+                    scale_rows(x[lo:hi], decided[: hi - lo], scale, out[lo:hi])
         elif kind == ELEMENTS:  # x (n1), keep (n0, n1), out (n0, n1)
             x = _carray(_pointer(a, zero), n1)
             keep = _carray(_pointer(b, byte), (n0, n1))

@@ -179,6 +179,19 @@ def test_slides_example_on_a_fast_path_tensor() -> None:
     torch.testing.assert_close(x.grad, expected)
 
 
+def test_passes_write_nothing_past_their_tensors(path: str) -> None:
+    # entries that are not a multiple of 8: the last mask word covers entries past the end
+    for numel, shape in [(6 * 4, (2, 3, 4)), (13, (13,)), (5 * 3, (1, 5, 3))]:
+        storage = torch.full((numel + 64,), 7.0)
+        x = storage[:numel].view(shape)
+        if len(shape) > 1:
+            cpu.channel_dropout(x, 0.5, 2.0, inplace=True)
+        else:
+            cpu.dropout(x, 0.5, 2.0, inplace=True)
+        assert bool((storage[numel:] == 7.0).all()), shape
+        assert set(x.unique().tolist()) <= {0.0, 14.0}
+
+
 def test_dropped_channels_are_exact_zeros_even_over_infinities_and_nans(path: str) -> None:
     x = torch.randn(8, 16, 64, requires_grad=True)
     with torch.no_grad():
