@@ -57,6 +57,33 @@ def check_positive(name: str, value: Any) -> float:
     return number
 
 
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer (>= ``minimum`` if given), else raise.
+
+    Integer numpy scalars are accepted; bools and floats are refused, since ``True`` or
+    ``3.0`` for a count or a seed is a mistake in a config, not a value.
+
+    Args:
+        name: the argument's name, used in the error message.
+        value: the value received.
+        minimum: the smallest value allowed, or None for any integer.
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+        ValueError: ``value`` < ``minimum``.
+
+    Example:
+        >>> check_int("step", 3, minimum=0)
+        3
+    """
+    bound = "" if minimum is None else f" >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{bound}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an int >= 1, else raise naming ``name``.
 
@@ -68,11 +95,24 @@ def check_positive_int(name: str, value: Any) -> int:
         >>> check_positive_int("n_samples", 4)
         4
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(name, value, minimum=1)
+
+
+def check_seed(name: str, value: Any) -> int | None:
+    """Return ``value`` if it is None or an int (a seed), else raise naming ``name``.
+
+    Raises:
+        TypeError: ``value`` is neither None nor an int.
+
+    Example:
+        >>> check_seed("seed", None) is None, check_seed("seed", 7)
+        (True, 7)
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
