@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.devices,
     )
     started = time.perf_counter()
-    result = run_demo(config)
+    result = run_demo(config, progress=lambda line: print(line, flush=True))
     if not result.runs:  # a non-zero rank of a multi-process run
         return 0
     paths = write_outputs(result)

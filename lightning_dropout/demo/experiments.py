@@ -85,7 +85,7 @@ def _dropout_dashboard() -> list[pl.Callback]:
 def _scheduled() -> list[pl.Callback]:
     # Curriculum dropout (Morerio et al., ICCV 2017): the rates rise linearly from 0 over
     # the first quarter of training, then hold at Srivastava et al.'s 0.2 and 0.5.
-    ramp = {
+    ramp: dict[str, schedules.Schedule] = {
         "net.drop_in": schedules.Linear(0.0, INPUT_P, steps=RAMP),
         "net.drop?": schedules.Linear(0.0, HIDDEN_P, steps=RAMP),
     }

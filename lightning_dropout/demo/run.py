@@ -50,6 +50,8 @@ def quiet_lightning() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            # Small --train-size runs have fewer batches than the logging interval.
+            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
             # Lightning 2.6 calls a deprecated torch pytree API on every fit.
             warnings.filterwarnings("ignore", message=r".*isinstance.treespec, LeafSpec.*")
             yield
@@ -134,7 +136,8 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> Dem
                 )
                 data.setup("fit")
                 run = ClassifierRun(spec.name, seed)
-                curves = EpochCurves(run, data.train.tensors, data.test.tensors)
+                (train_x, train_y), (test_x, test_y) = data.train.tensors, data.test.tensors
+                curves = EpochCurves(run, (train_x, train_y), (test_x, test_y))
                 trainer = _trainer(config, spec.name, seed, config.max_epochs, [*spec.callbacks(), curves])
                 seconds = fit(trainer, model, data)
                 if trainer.is_global_zero:
