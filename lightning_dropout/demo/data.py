@@ -248,7 +248,7 @@ class MnistDataModule(pl.LightningDataModule):
         self.flatten = flatten
 
     def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train"):
+        if hasattr(self, "train"):  # already split: the demo reads the splits before fit does
             return
         images, labels = _mnist()
         if self.flatten:

@@ -203,7 +203,7 @@ def error_and_nll(model: torch.nn.Module, inputs: Tensor, targets: Tensor) -> tu
 class EpochCurves(pl.Callback):
     """After every training epoch, measure the whole test split in evaluation mode, append
     to ``run``'s curves and log ``test/nll`` and ``test/error`` (step: the epoch, from 1) to
-    every logger; after the last epoch, the training split's NLL too (``train/nll``).
+    every logger; when training ends, the training split's NLL too (``train/nll``).
 
     Args:
         run: where the curves are kept.
@@ -216,15 +216,17 @@ class EpochCurves(pl.Callback):
         self.train = train
         self.test = test
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        device = pl_module.device
-        error, test_nll = error_and_nll(pl_module, *(t.to(device) for t in self.test))
-        self.run.test_error_curve.append(error)
-        self.run.test_nll_curve.append(test_nll)
-        metrics = {"test/nll": test_nll, "test/error": error}
-        if trainer.current_epoch + 1 == trainer.max_epochs:
-            # Once: measuring the training split every epoch would cost as much as its training.
-            self.run.train_nll_last = error_and_nll(pl_module, *(t.to(device) for t in self.train))[1]
-            metrics["train/nll"] = self.run.train_nll_last
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.current_epoch + 1)
+            logger.log_metrics(metrics, step=len(self.run.test_nll_curve))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        error, nll = error_and_nll(pl_module, *(t.to(pl_module.device) for t in self.test))
+        self.run.test_error_curve.append(error)
+        self.run.test_nll_curve.append(nll)
+        self._log(trainer, {"test/nll": nll, "test/error": error})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Once: measuring the training split every epoch would cost as much as its training.
+        self.run.train_nll_last = error_and_nll(pl_module, *(t.to(pl_module.device) for t in self.train))[1]
+        self._log(trainer, {"train/nll": self.run.train_nll_last})
