@@ -12,16 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lightning_dropout import mc, sites
+from lightning_dropout import mc
+from lightning_dropout._deprecation import renamed_argument
 from lightning_dropout.mc import MCOutput
-from lightning_dropout.sites import DropoutSite, select_sites
+from lightning_dropout.selection import check_patterns
+from lightning_dropout.sites import DropoutSite, control, select_sites
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
 
+Patterns = str | Sequence[str] | None
+
 
 class DropoutMixin:
-    """Dropout controls for a module: mix in before ``L.LightningModule``.
+    """Dropout controls for a module: mix in before ``pl.LightningModule``.
 
     Works on every dropout site of the module (see :mod:`lightning_dropout.sites`): dropout
     modules (this package's, torch's, timm's, torchvision's), attention dropout, rates a
@@ -33,8 +37,8 @@ class DropoutMixin:
         TypeError: a method is called on an object that is not an ``nn.Module``.
 
     Example:
-        >>> import lightning as L
-        >>> class Net(DropoutMixin, L.LightningModule):
+        >>> import lightning.pytorch as pl
+        >>> class Net(DropoutMixin, pl.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
         ...         nn = torch.nn
@@ -50,7 +54,7 @@ class DropoutMixin:
         (torch.Size([6, 3]), torch.Size([6]), False)
     """
 
-    def dropout_sites(self, pattern: str | Sequence[str] | None = None) -> dict[str, DropoutSite]:
+    def dropout_sites(self, sites: Patterns = None) -> dict[str, DropoutSite]:
         """Every dropout site (every place the model drops) by qualified name.
 
         Sites are dropout modules, attention dropout handed to
@@ -59,41 +63,49 @@ class DropoutMixin:
         written in the code; see :mod:`lightning_dropout.sites`.
 
         Args:
-            pattern: a glob (or list of globs) on qualified names; a pattern naming a module
-                selects every site below it; None for all.
+            sites: a glob (or list of globs) on qualified site names; a glob naming a
+                module selects every site below it; None for all.
 
         Raises:
-            ValueError: ``pattern`` matches no site (the message lists them all).
+            TypeError: ``sites`` is not a string, a list of strings or None.
+            ValueError: ``sites`` matches no site (the message lists them all).
         """
-        return select_sites(self._module(), pattern)
+        return select_sites(self._module(), check_patterns("sites", sites))
 
-    def dropout_layers(self, pattern: str | Sequence[str] | None = None) -> dict[str, nn.Module]:
+    def dropout_layers(self, sites: Patterns = None, *, pattern: Patterns = None) -> dict[str, nn.Module]:
         """Every dropout module by qualified name (the sites that are modules).
 
         Args:
-            pattern: a glob (or list of globs) such as ``"encoder"`` or ``"encoder.*"``; a
-                pattern naming a module selects every dropout module below it; None for all.
+            sites: a glob (or list of globs) such as ``"encoder"`` or ``"encoder.*"``; a
+                glob naming a module selects every dropout module below it; None for all.
+            pattern: the deprecated name of ``sites``.
 
         Raises:
-            ValueError: ``pattern`` matches no dropout module (the message lists them all).
+            TypeError: ``sites`` is not a string, a list of strings or None, or both
+                ``sites`` and ``pattern`` are given.
+            ValueError: ``sites`` matches no dropout module (the message lists them all).
         """
-        return sites.dropout_layers(self._module(), pattern)
+        sites = renamed_argument("DropoutMixin.dropout_layers", "pattern", "sites", pattern, sites)
+        return control.dropout_layers(self._module(), check_patterns("sites", sites))
 
-    def set_dropout_p(self, p: float, pattern: str | Sequence[str] | None = None) -> None:
-        """Set the drop probability of every dropout site matching ``pattern``.
+    def set_dropout_p(self, p: float, sites: Patterns = None, *, pattern: Patterns = None) -> None:
+        """Set the drop probability of every dropout site matching ``sites``.
 
         Sites whose rate is written in code keep it and are named in a warning.
 
         Args:
             p: the new drop probability in [0, 1] (validated before anything changes).
-            pattern: a glob (or list of globs) on qualified site names; None for all.
+            sites: a glob (or list of globs) on qualified site names; None for all.
+            pattern: the deprecated name of ``sites``.
 
         Raises:
-            TypeError: ``p`` is not a number.
-            ValueError: ``p`` outside [0, 1], a pattern that matches nothing, or no
+            TypeError: ``p`` is not a number, ``sites`` not a string, a list of strings or
+                None, or both ``sites`` and ``pattern`` are given.
+            ValueError: ``p`` outside [0, 1], a glob that matches nothing, or no
                 dropout site whose p can be set.
         """
-        sites.set_dropout_p(self._module(), p, pattern)
+        sites = renamed_argument("DropoutMixin.set_dropout_p", "pattern", "sites", pattern, sites)
+        control.set_dropout_p(self._module(), p, check_patterns("sites", sites))
 
     def dropout_p(self) -> dict[str, float]:
         """The drop probability of every dropout site whose rate is known, by qualified name."""
@@ -155,7 +167,7 @@ class DropoutMixin:
         under DeepSpeed its setup raises an error naming the strategy and the option to pass.
         Nothing is added when the trainer already has a ``PerRankDropout``: pass
         ``PerRankDropout(enabled=False)`` to the Trainer to restore torch's shared masks, or
-        ``PerRankDropout(sharded_sites=[...])`` to name sites whose activations are sharded
+        ``PerRankDropout(sharded_modules=[...])`` to name sites whose activations are sharded
         across a tensor-parallel group. A module overriding this hook keeps the default by
         extending ``super().configure_callbacks()``.
         """
