@@ -6,15 +6,13 @@ on any ``nn.Module`` it is mixed into, a LightningModule being the intended one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from torch import nn
 
 from lightning_dropout import mc
 from lightning_dropout._deprecation import renamed_argument
-from lightning_dropout.mc import MCOutput
 from lightning_dropout.selection import check_patterns
 from lightning_dropout.sites import DropoutSite, control, select_sites
 
@@ -22,6 +20,23 @@ if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
 
 Patterns = str | Sequence[str] | None
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _model_method(
+    function: Callable[Concatenate[nn.Module, P], R], doc: str
+) -> Callable[Concatenate[Any, P], R]:
+    """``function(model, ...)`` as a method of the module it is mixed into: one signature,
+    kept by ``function``, so the method takes whatever arguments ``function`` takes."""
+
+    def method(self: DropoutMixin, *args: P.args, **kwargs: P.kwargs) -> R:
+        return function(self._module(), *args, **kwargs)
+
+    method.__name__ = function.__name__
+    method.__qualname__ = f"DropoutMixin.{function.__name__}"
+    method.__doc__ = doc
+    return method
 
 
 class DropoutMixin:
@@ -111,52 +126,32 @@ class DropoutMixin:
         """The drop probability of every dropout site whose rate is known, by qualified name."""
         return {name: site.p for name, site in self.dropout_sites().items() if site.p is not None}
 
-    def mc_dropout(self) -> AbstractContextManager[nn.Module]:
-        """A context manager under which every dropout site drops.
+    mc_dropout = _model_method(
+        mc.mc_dropout,
+        """A context manager under which every dropout site (or those matching ``sites``) drops.
 
         Attention dropout and rates read in a forward included; BatchNorm and every other
         module keep their mode; all modes are restored on exit, also after an exception.
-        """
-        return mc.mc_dropout(self._module())
+        Takes :func:`lightning_dropout.mc.mc_dropout`'s arguments after the model.
+        """,
+    )
 
-    def mc_predict(
-        self,
-        x: Any,
-        n_samples: int = 30,
-        batched: bool = True,
-        chunk_size: int | None = None,
-        output: str = "logits",
-        class_dim: int = -1,
-        return_samples: bool = False,
-        consistent: bool = False,
-        seed: int | None = None,
-        sites: str | Sequence[str] | None = None,
-    ) -> MCOutput:
+    mc_predict = _model_method(
+        mc.mc_predict,
         """Monte-Carlo dropout prediction over ``n_samples`` stochastic passes of ``self(x)``.
 
-        Under ``torch.no_grad``; BatchNorm statistics untouched; see
-        :func:`lightning_dropout.mc.mc_predict` for the arguments (``consistent`` masks,
-        a ``seed``, ``sites`` patterns, ``output="gaussian"``).
+        Takes :func:`lightning_dropout.mc.mc_predict`'s arguments after the model
+        (``x, n_samples=30, batched=True, ...``, ``consistent`` masks, a ``seed``,
+        ``sites`` globs, ``output="gaussian"``). Under ``torch.no_grad``; BatchNorm
+        statistics untouched.
 
         Raises:
             TypeError: a wrongly typed argument or a non-tensor output.
             ValueError: a bad ``n_samples``, ``chunk_size``, ``output`` or class dimension,
                 a model that cannot be replicated along dim 0 with ``batched=True``, or a
-                pattern in ``sites`` that matches no site.
-        """
-        return mc.mc_predict(
-            self._module(),
-            x,
-            n_samples,
-            batched,
-            chunk_size,
-            output,
-            class_dim,
-            return_samples,
-            consistent=consistent,
-            seed=seed,
-            sites=sites,
-        )
+                glob in ``sites`` that matches no site.
+        """,
+    )
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
         """Lightning hook: add :class:`~lightning_dropout.callbacks.PerRankDropout` by default.
