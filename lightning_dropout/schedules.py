@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_dropout._validation import check_int, check_positive, check_probability
+from lightning_dropout._validation import check_int, check_positive, check_probability, check_real
 
 __all__ = [
     "Chain",
@@ -70,20 +70,14 @@ def check_length(name: str, value: Any) -> Length:
         >>> check_length("steps", 100), check_length("steps", 0.5)
         (100, 0.5)
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be an int >= 1 (steps) or a float in (0, 1] (a fraction of the run), "
-            f"got {type(value).__name__} {value!r}"
-        )
+    expected = "an int >= 1 (steps) or a float in (0, 1] (a fraction of the run)"
+    fraction = check_real(name, value, expected)
     if isinstance(value, numbers.Integral):
         if value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (steps) or a float in (0, 1], got {value!r}")
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
         return int(value)
-    fraction = float(value)
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(
-            f"{name} must be an int >= 1 (steps) or a float in (0, 1] (a fraction of the run), got {value!r}"
-        )
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return fraction
 
 

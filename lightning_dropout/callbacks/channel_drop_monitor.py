@@ -89,10 +89,7 @@ class ChannelDropMonitor(StepMonitor):
         return "ChannelDropMonitor: the model has no channel-dropping layers; nothing to monitor."
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
-        charts = {
-            _dashboard.tag_prefix(name): [_dashboard.layer_regex("channel_drop", name, "fraction|expected")]
-            for name in self.sites
-        }
+        charts = _dashboard.site_charts("channel_drop", self.sites, "fraction|expected")
         return _dashboard.CHANNEL_CATEGORY, charts
 
     def _attach(self) -> list[Removable]:
