@@ -13,7 +13,6 @@ from torch import nn
 
 from lightning_dropout import mc
 from lightning_dropout._deprecation import renamed_argument
-from lightning_dropout.selection import check_patterns
 from lightning_dropout.sites import DropoutSite, control, select_sites
 
 if TYPE_CHECKING:
@@ -85,7 +84,7 @@ class DropoutMixin:
             TypeError: ``sites`` is not a string, a list of strings or None.
             ValueError: ``sites`` matches no site (the message lists them all).
         """
-        return select_sites(self._module(), check_patterns("sites", sites))
+        return select_sites(self._module(), sites)
 
     def dropout_layers(self, sites: Patterns = None, *, pattern: Patterns = None) -> dict[str, nn.Module]:
         """Every dropout module by qualified name (the sites that are modules).
@@ -101,7 +100,7 @@ class DropoutMixin:
             ValueError: ``sites`` matches no dropout module (the message lists them all).
         """
         sites = renamed_argument("DropoutMixin.dropout_layers", "pattern", "sites", pattern, sites)
-        return control.dropout_layers(self._module(), check_patterns("sites", sites))
+        return control.dropout_layers(self._module(), sites)
 
     def set_dropout_p(self, p: float, sites: Patterns = None, *, pattern: Patterns = None) -> None:
         """Set the drop probability of every dropout site matching ``sites``.
@@ -120,7 +119,7 @@ class DropoutMixin:
                 dropout site whose p can be set.
         """
         sites = renamed_argument("DropoutMixin.set_dropout_p", "pattern", "sites", pattern, sites)
-        control.set_dropout_p(self._module(), p, check_patterns("sites", sites))
+        control.set_dropout_p(self._module(), p, sites)
 
     def dropout_p(self) -> dict[str, float]:
         """The drop probability of every dropout site whose rate is known, by qualified name."""
