@@ -29,7 +29,7 @@ def trained_state(net: nn.Module) -> nn.Module:
     return net.eval()
 
 
-def test_mc_mode_flips_only_dropout_layers_and_restores_after_exception() -> None:
+def test_mc_dropout_flips_only_dropout_layers_and_restores_after_exception() -> None:
     inner_bn = nn.BatchNorm1d(3)
     net = nn.Sequential(
         nn.BatchNorm1d(3),
