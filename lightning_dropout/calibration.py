@@ -57,7 +57,8 @@ def _check_targets(name: str, targets: Tensor, rows: int, classes: int) -> Tenso
     if targets.numel() != rows:
         raise ValueError(f"{name} has {targets.numel()} entries for {rows} rows")
     if rows and (int(targets.min()) < 0 or int(targets.max()) >= classes):
-        raise ValueError(f"{name} must lie in [0, {classes}), got values in [{targets.min()}, {targets.max()}]")
+        low, high = int(targets.min()), int(targets.max())
+        raise ValueError(f"{name} must lie in [0, {classes}), got values in [{low}, {high}]")
     return targets.long()
 
 

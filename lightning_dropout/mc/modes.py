@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 
-import torch
 from torch import nn
 
 from lightning_dropout._validation import check_positive_int
 from lightning_dropout.layers import WeightMaskLayer
-from lightning_dropout.sites import DropoutSite, find_sites, select_sites, sites_training
+from lightning_dropout.sites import DropoutSite, select_sites, sites_training
 
 
 @contextmanager
@@ -112,6 +111,7 @@ def deterministic_prefix(
     ``nn.Sequential``, when its first child already drops, or when nothing drops.
 
     Example:
+        >>> from lightning_dropout.sites import find_sites
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Dropout())
         >>> head, tail = deterministic_prefix(net, find_sites(net))
         >>> len(head), len(tail)

@@ -144,7 +144,8 @@ class MCPasses:
         self.warn: Warn = warn if warn is not None else _warn_now
         problem = deterministic_reason(self.chosen)
         if problem:
-            self.warn("deterministic", f"{type(model).__name__} {problem}: every Monte-Carlo pass is identical")
+            name = type(model).__name__
+            self.warn("deterministic", f"{name} {problem}: every Monte-Carlo pass is identical")
 
     def run(
         self,
