@@ -49,16 +49,17 @@ def data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def trainer(tmp_path: Path, callback: MCDropout) -> pl.Trainer:
+def trainer(tmp_path: Path, callback: MCDropout, devices: int = 1, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
-        devices=1,
+        devices=devices,
         callbacks=[callback],
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
         enable_checkpointing=False,
+        **kwargs,
     )
 
 
@@ -143,3 +144,26 @@ def test_calibration_arguments_are_checked() -> None:
         MCDropout(n_samples="many")
     with pytest.raises(ValueError, match="tolerance"):
         MCDropout(n_samples="auto", tolerance=0.0)
+
+
+def test_two_gloo_processes_fit_what_one_process_fits_on_the_union(tmp_path: Path) -> None:
+    # Consistent masks make each input's passes independent of its rank; LAC has no
+    # randomisation, so the fit depends on the union of the rows only.
+    loader = DataLoader(data(64, 5), batch_size=8)
+
+    def run(**kwargs: Any) -> dict[str, float]:
+        callback = MCDropout(
+            6,
+            stages="validate",
+            consistent=True,
+            seed=7,
+            calibration=("temperature", "conformal"),
+            conformal_method="lac",
+        )
+        return trainer(tmp_path, callback, **kwargs).validate(Overconfident(), loader, verbose=False)[0]
+
+    single = run()
+    ddp = run(devices=2, strategy="ddp_spawn")
+    tags = ("val/mc_ts/temperature", "val/det_ts/temperature", "val/mc/conformal_threshold")
+    for tag in tags:
+        assert ddp[tag] == pytest.approx(single[tag], rel=1e-4), tag
