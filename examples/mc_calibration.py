@@ -126,7 +126,7 @@ def one_seed(images: Tensor, labels: Tensor, seed: int, epochs: int) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse(__doc__, argv, epochs=20)
+    args = parse(__doc__, argv, epochs=10)
     seeds = list(range(args.seed, args.seed + (1 if args.fast else 5)))
     images, labels = load_mnist_tensors()
     per_seed = [one_seed(images, labels, seed, args.epochs) for seed in seeds]
