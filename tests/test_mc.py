@@ -29,7 +29,7 @@ def trained_state(net: nn.Module) -> nn.Module:
     return net.eval()
 
 
-def test_mc_mode_flips_only_dropout_layers_and_restores_after_exception() -> None:
+def test_mc_dropout_flips_only_dropout_layers_and_restores_after_exception() -> None:
     inner_bn = nn.BatchNorm1d(3)
     net = nn.Sequential(
         nn.BatchNorm1d(3),
@@ -344,3 +344,43 @@ def test_a_seed_reproduces_the_samples_and_leaves_the_global_stream_alone() -> N
         mc_predict(net, x, 2, seed=1.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="consistent"):
         mc_predict(net, x, 2, consistent="yes")  # type: ignore[arg-type]
+
+
+def test_auto_passes_reach_the_tolerance_they_promise() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).eval()
+    x = torch.randn(20, 5)
+    tolerance = 0.01
+    out = mc_predict(net, x, n_samples="auto", tolerance=tolerance, seed=1)
+    assert out.standard_error is not None and float(out.standard_error.max()) <= tolerance
+    assert 8 <= out.n_samples < 1000
+    reference = mc_predict(net, x, n_samples=4000, seed=2).mean
+    # The promise: the mean is within the tolerance's sigmas of the many-pass mean.
+    error = (out.mean - reference).abs()
+    assert float((error <= 3 * tolerance).float().mean()) >= 0.95
+    assert float(error.max()) <= 5 * tolerance
+    looser = mc_predict(net, x, n_samples="auto", tolerance=4 * tolerance, seed=1)
+    assert looser.n_samples < out.n_samples
+    with pytest.warns(UserWarning, match="max_samples=10"):
+        capped = mc_predict(net, x, n_samples="auto", tolerance=1e-4, max_samples=10, seed=1)
+    assert capped.n_samples == 10
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_auto_passes_continue_one_sequence_of_consistent_masks(batched: bool) -> None:
+    net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)).eval()
+    x = torch.randn(6, 4)
+    auto = mc_predict(net, x, n_samples="auto", tolerance=0.02, consistent=True, seed=3, batched=batched)
+    fixed = mc_predict(net, x, n_samples=auto.n_samples, consistent=True, seed=3, batched=batched)
+    assert torch.allclose(auto.mean, fixed.mean, atol=1e-6)
+
+
+def test_a_temperature_tempers_every_pass_before_the_average() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)).eval()
+    x = torch.randn(5, 4)
+    out = mc_predict(net, x, n_samples=6, temperature=2.0, seed=0)
+    raw = mc_predict(net, x, n_samples=6, seed=0, output="regression", return_samples=True)
+    assert raw.samples is not None and out.temperature == 2.0
+    assert torch.allclose(out.mean, (raw.samples / 2.0).softmax(-1).mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        mc_predict(net, x, n_samples=2, output="regression", temperature=2.0)

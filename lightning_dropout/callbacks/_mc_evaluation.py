@@ -9,7 +9,11 @@ the same batch, so the two can be compared:
 - ``"gaussian"`` and ``"regression"``: Gaussian NLL, coverage of the central 90%
   interval and mean squared error (the deterministic forward of a plain regressor has
   no variance: only its error); histograms of the aleatoric and epistemic parts;
-- the mean Monte-Carlo standard error of the MC mean;
+- the mean Monte-Carlo standard error of the MC mean (and, for ``n_samples="auto"``, the
+  mean number of passes);
+- with calibration fitted: NLL, Brier score and ECE of the tempered MC prediction
+  (``mc_ts``) and of the tempered deterministic forward (``det_ts``), and the coverage and
+  mean size of the conformal sets;
 - out-of-distribution detection (test dataloader ``ood_dataloader_idx`` against the
   others): AUROC of the entropy and of BALD (of the predictive and epistemic variance
   for regression), and the false-positive rate at 95% true positives (FPR95) of the
@@ -34,6 +38,7 @@ from torchmetrics.classification import (
 )
 
 from lightning_dropout.mc import MCOutput
+from lightning_dropout.metrics.sets import SetCoverage, SetSize
 from lightning_dropout.metrics.uncertainty import (
     BrierScore,
     GaussianNLL,
@@ -63,12 +68,14 @@ class MCEvaluation:
         output: the MC output kind (``"logits"``, ``"probs"``, ``"regression"``, ``"gaussian"``).
         class_dim: the class dimension of one output.
         n_bins: calibration bins.
+        count_passes: measure the mean number of passes per batch (``mc/n_samples``).
     """
 
-    def __init__(self, output: str, class_dim: int, n_bins: int) -> None:
+    def __init__(self, output: str, class_dim: int, n_bins: int, count_passes: bool = False) -> None:
         self.output = output
         self.class_dim = class_dim
         self.n_bins = n_bins
+        self.count_passes = count_passes
         self.metrics: dict[str, Metric] = {}
 
     @property
@@ -81,7 +88,16 @@ class MCEvaluation:
             metric = self.metrics[name] = make().to(device)
         return metric
 
-    def update(self, mc: MCOutput, det: Tensor | None, target: Tensor | None, ood: bool | None) -> None:
+    def update(
+        self,
+        mc: MCOutput,
+        det: Tensor | None,
+        target: Tensor | None,
+        ood: bool | None,
+        calibrated: MCOutput | None = None,
+        det_temperature: float | None = None,
+        sets: Tensor | None = None,
+    ) -> None:
         """Add one batch.
 
         Args:
@@ -92,6 +108,9 @@ class MCEvaluation:
             target: the batch's targets, checked against the output (see :meth:`targets`),
                 or None when the batch is out of distribution or has none.
             ood: whether the batch is out of distribution; None when no OOD set is given.
+            calibrated: the tempered MC summary (``mc_ts``), or None.
+            det_temperature: the deterministic forward's temperature (``det_ts``), or None.
+            sets: the conformal sets of the batch, the class dimension last, or None.
         """
         device = mc.mean.device
         scores = self._scores(mc)
@@ -115,6 +134,8 @@ class MCEvaluation:
             self._metric(f"histogram/{prefix}{name}", CatMetric, device).update(score)
         if ood:
             return
+        if self.count_passes:
+            self._metric("mc/n_samples", MeanMetric, device).update(float(mc.n_samples))
         if mc.standard_error is not None:
             finite = mc.standard_error[torch.isfinite(mc.standard_error)]
             if finite.numel():
@@ -126,6 +147,16 @@ class MCEvaluation:
             if det is not None:
                 probs = det.softmax(self.class_dim) if self.output == "logits" else det
                 self._update_classification("det", self._rows(probs), target, device)
+            if calibrated is not None:
+                self._update_classification("mc_ts", self._rows(calibrated.mean), target, device, full=False)
+            if det is not None and det_temperature is not None:
+                logits = det if self.output == "logits" else det.clamp_min(torch.finfo(det.dtype).tiny).log()
+                probs = (logits / det_temperature).softmax(self.class_dim)
+                self._update_classification("det_ts", self._rows(probs), target, device, full=False)
+            if sets is not None:
+                rows = sets.reshape(-1, sets.shape[-1])
+                self._metric("mc/coverage", SetCoverage, device).update(rows, target.to(device))
+                self._metric("mc/set_size", SetSize, device).update(rows)
         else:
             self._update_regression("mc", mc.mean, mc.variance, target, device)
             if det is not None:
@@ -149,42 +180,29 @@ class MCEvaluation:
         return mc.variance.flatten().float(), epistemic.flatten().float()
 
     def _rows(self, probs: Tensor) -> Tensor:
-        """``[N, C]`` probabilities: the class dimension last, every other position a row."""
-        return probs.movedim(self.class_dim, -1).reshape(-1, probs.shape[self.class_dim]).float()
+        return class_rows(probs, self.class_dim).float()
 
     def targets(self, mc: MCOutput, target: object) -> tuple[Tensor | None, str | None]:
         """``target`` shaped for :meth:`update`, or None with the reason it does not fit."""
-        if not isinstance(target, Tensor):
-            return None, f"the target is a {type(target).__name__}, not a tensor"
-        if self.classification:
-            expected = mc.mean.movedim(self.class_dim, -1).shape[:-1]
-            if target.is_floating_point() or target.is_complex():
-                return None, f"classification targets must be class indices, got dtype {target.dtype}"
-            if target.numel() != expected.numel():
-                return (
-                    None,
-                    f"target of shape {tuple(target.shape)} for outputs of shape {tuple(mc.mean.shape)}",
-                )
-            return target.reshape(-1), None
-        if target.numel() != mc.mean.numel():
-            return (
-                None,
-                f"target of shape {tuple(target.shape)} for predictions of shape {tuple(mc.mean.shape)}",
-            )
-        return target.reshape(mc.mean.shape).to(mc.mean.device, mc.mean.dtype), None
+        return shaped_targets(self.output, self.class_dim, mc, target)
 
-    def _update_classification(self, which: str, probs: Tensor, target: Tensor, device: torch.device) -> None:
+    def _update_classification(
+        self, which: str, probs: Tensor, target: Tensor, device: torch.device, full: bool = True
+    ) -> None:
+        # ``full=False`` (a tempered prediction): the scores temperature changes, no diagram.
         classes, bins = probs.shape[-1], self.n_bins
         target = target.to(device)
         metrics: dict[str, Callable[[], Metric]] = {
-            "accuracy": lambda: MulticlassAccuracy(classes, average="micro"),
             "nll": NegativeLogLikelihood,
             "brier": BrierScore,
             "ece": lambda: MulticlassCalibrationError(classes, n_bins=bins),
         }
+        if full:
+            metrics["accuracy"] = lambda: MulticlassAccuracy(classes, average="micro")
         for name, make in metrics.items():
             self._metric(f"{which}/{name}", make, device).update(probs, target)
-        self._metric(f"diagram/{which}", lambda: ReliabilityDiagram(bins), device).update(probs, target)
+        if full:
+            self._metric(f"diagram/{which}", lambda: ReliabilityDiagram(bins), device).update(probs, target)
 
     def _update_regression(
         self, which: str, mean: Tensor, variance: Tensor, target: Tensor, device: torch.device
@@ -221,6 +239,46 @@ class MCEvaluation:
         for metric in self.metrics.values():
             metric.reset()
         return results
+
+
+def class_rows(values: Tensor, class_dim: int) -> Tensor:
+    """``[N, C]``: the class dimension last, every other position a row.
+
+    Example:
+        >>> class_rows(torch.zeros(2, 3, 4), 1).shape
+        torch.Size([8, 3])
+    """
+    return values.movedim(class_dim, -1).reshape(-1, values.shape[class_dim])
+
+
+def shaped_targets(
+    output: str, class_dim: int, mc: MCOutput, target: object
+) -> tuple[Tensor | None, str | None]:
+    """``target`` shaped for :meth:`MCEvaluation.update`, or None with the reason it does not fit.
+
+    Example:
+        >>> mc = MCOutput(torch.full((2, 3), 1 / 3), torch.zeros(2, 3))
+        >>> shaped_targets("logits", -1, mc, torch.tensor([[0], [2]]))
+        (tensor([0, 2]), None)
+    """
+    if not isinstance(target, Tensor):
+        return None, f"the target is a {type(target).__name__}, not a tensor"
+    if output in ("logits", "probs"):
+        expected = mc.mean.movedim(class_dim, -1).shape[:-1]
+        if target.is_floating_point() or target.is_complex():
+            return None, f"classification targets must be class indices, got dtype {target.dtype}"
+        if target.numel() != expected.numel():
+            return (
+                None,
+                f"target of shape {tuple(target.shape)} for outputs of shape {tuple(mc.mean.shape)}",
+            )
+        return target.reshape(-1), None
+    if target.numel() != mc.mean.numel():
+        return (
+            None,
+            f"target of shape {tuple(target.shape)} for predictions of shape {tuple(mc.mean.shape)}",
+        )
+    return target.reshape(mc.mean.shape).to(mc.mean.device, mc.mean.dtype), None
 
 
 # -- the reliability diagram -----------------------------------------------------------
@@ -304,4 +362,4 @@ def reliability_png(
     return buffer.getvalue(), HEIGHT, WIDTH
 
 
-__all__ = ["MCEvaluation", "Results", "reliability_png"]
+__all__ = ["MCEvaluation", "Results", "class_rows", "reliability_png", "shaped_targets"]

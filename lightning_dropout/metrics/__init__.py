@@ -14,6 +14,7 @@ from lightning_dropout.metrics.channel_drop import ChannelDrop
 from lightning_dropout.metrics.coactivation import CoActivation
 from lightning_dropout.metrics.drop_rate import DropRate
 from lightning_dropout.metrics.functional import channel_drop, coactivation, drop_rate
+from lightning_dropout.metrics.sets import SetCoverage, SetSize
 from lightning_dropout.metrics.uncertainty import (
     BrierScore,
     GaussianNLL,
@@ -31,6 +32,8 @@ __all__ = [
     "IntervalCoverage",
     "NegativeLogLikelihood",
     "ReliabilityDiagram",
+    "SetCoverage",
+    "SetSize",
     "channel_drop",
     "coactivation",
     "drop_rate",

@@ -260,7 +260,7 @@ def test_missing_targets_and_missing_ood_batches_are_said(tmp_path: Path) -> Non
 def test_new_arguments_are_validated() -> None:
     with pytest.raises(ValueError, match="ood_dataloader_idx names a test dataloader"):
         MCDropout(ood_dataloader_idx=1)
-    with pytest.raises(ValueError, match="ood_dataloader_idx must be >= 0"):
+    with pytest.raises(ValueError, match="ood_dataloader_idx must be an int >= 0"):
         MCDropout(stages="test", ood_dataloader_idx=-1)
     with pytest.raises(TypeError, match="target"):
         MCDropout(target=1.5)  # type: ignore[arg-type]
