@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 import lightning_dropout
 from lightning_dropout import DropConnectLinear, Dropout, Dropout1d, Dropout2d, Dropout3d, GaussianDropout
-from lightning_dropout.kernels import cpu
+from lightning_dropout.kernels import _cpu
 from lightning_dropout.layers.drop_connect_layers import DEFAULT_MAX_MASK_BYTES
 
 RESULTS = Path(__file__).parent / "results"
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "numba": _numba_version(),
-        "cpu_kernels": "numba" if cpu.compiled() is not None else "torch ops",
+        "cpu_kernels": "numba" if _cpu.numba_kernels() is not None else "torch ops",
         "lightning_dropout": lightning_dropout.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),

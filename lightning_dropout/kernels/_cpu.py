@@ -1,0 +1,268 @@
+"""The CPU path: masks drawn and applied by the numba kernels of :mod:`._numba`.
+
+On CPU torch's ``bernoulli_`` costs several nanoseconds an element and a copy a fraction
+of one: the draw is what torch's dropout pays for. Here each call draws one 64-bit key
+from torch's global generator (so ``torch.manual_seed`` reproduces every mask, and
+per-rank seeding gives per-rank masks) and reads the mask from a SplitMix64 stream under
+that key, serially on the calling thread. The mask (a bool an entry, or a row) is kept for
+backward, which applies it with the same kernel, so every derivative order is right.
+
+Every autograd Function here is new-style (``setup_context``) with a ``vmap`` rule that
+follows torch's ``randomness`` contract; nothing is cached across calls. Without numba
+(or with ``LIGHTNING_DROPOUT_NUMBA=0``) :func:`numba_kernels` is None and the dispatch in
+:mod:`lightning_dropout.kernels` takes torch ops instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Set to 0 to take torch ops instead of the numba kernels.
+NUMBA_SWITCH = "LIGHTNING_DROPOUT_NUMBA"
+_DTYPES = (torch.float32, torch.float64)
+_VMAP_ERROR = (
+    "vmap: called random operation while in randomness error mode. Please either use the "
+    "'same' or 'different' randomness flags on vmap or perform the randomness operation out of vmap"
+)
+
+
+@functools.cache
+def numba_kernels() -> ModuleType | None:
+    """The compiled kernels, or None where numba is missing, switched off or cannot compile."""
+    if os.environ.get(NUMBA_SWITCH, "1") == "0":
+        return None
+    try:
+        from lightning_dropout.kernels import _numba
+
+        check = torch.zeros(3, dtype=torch.bool)
+        _numba.draw_keep(check.numpy(), 0, 0)  # compiles (or loads from the disk cache) now
+        if not bool(check.all()):
+            raise RuntimeError("a mask at p = 0 dropped entries")
+    except ImportError:
+        return None
+    except Exception as error:  # a numba that cannot compile here: torch ops instead
+        warnings.warn(f"numba kernels unavailable, using torch ops: {error!r}", RuntimeWarning, stacklevel=2)
+        return None
+    return _numba
+
+
+def fits(x: Tensor) -> bool:
+    """Whether the kernels take ``x``: a CPU float32 / float64 tensor, numba present."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and numba_kernels() is not None
+
+
+def _key(generator: torch.Generator | None = None) -> int:
+    return int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=generator))
+
+
+def _threshold(p: float) -> int:
+    return round(p * 2**32)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, key: int | None = None) -> Tensor:
+    """A contiguous bool tensor, True w.p. ``1 - p``, from the stream ``key`` (drawn from
+    torch's generator when None)."""
+    kernels = numba_kernels()
+    assert kernels is not None
+    keep = torch.empty(shape, dtype=torch.bool)
+    kernels.draw_keep(_np(keep.view(-1)), _key() if key is None else key, _threshold(p))
+    return keep
+
+
+def _dense_flat(t: Tensor) -> Tensor | None:
+    """``t``'s elements in memory order as a 1-D view, or None if its memory has gaps."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    permuted = t.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else None
+
+
+def _np(t: Tensor) -> Any:
+    return t.detach().numpy()
+
+
+def _scalar(scale: float, like: Tensor) -> Any:
+    # the scale rounded to the dtype, as torch rounds a Python scalar in ``x * scale``
+    return torch.tensor(scale, dtype=like.dtype).numpy()[()]
+
+
+def apply_keep(x: Tensor, keep: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """``x * scale`` where ``keep`` (bool, ``x``'s leading dims then ones) is True, exactly
+    0 elsewhere, into ``out`` (``x`` itself: in place) or a tensor laid out as ``x``."""
+    kernels = numba_kernels()
+    if kernels is not None and x.dtype in _DTYPES and x.device.type == "cpu":
+        out = torch.empty_like(x) if out is None else out
+        if keep.shape == x.shape and keep.stride() == x.stride() == out.stride():
+            flat = [_dense_flat(t) for t in (x, keep, out)]
+            if all(f is not None for f in flat):
+                kernels.apply_elements(_np(flat[0]), _np(flat[1]), _scalar(scale, x), _np(flat[2]))
+                return out
+        elif x.is_contiguous() and keep.is_contiguous() and out.is_contiguous() and keep.numel():
+            rows = (keep.numel(), x.numel() // keep.numel())
+            x_rows, out_rows = _np(x.view(rows)), _np(out.view(rows))
+            kernels.apply_rows(x_rows, _np(keep.view(-1)), _scalar(scale, x), out_rows)
+            return out
+    result = torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
+    return result if out is None else out.copy_(result)
+
+
+def _batch_first(x: Tensor, dim: int | None, size: int) -> Tensor:
+    return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+
+
+class _ApplyKeep(torch.autograd.Function):
+    """``x * scale`` on kept entries, 0 elsewhere; linear in ``x``, so backward is itself."""
+
+    @staticmethod
+    def forward(x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        return apply_keep(x, keep, scale)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, keep, scale = inputs
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return _ApplyKeep.apply(grad, keep, ctx.scale), None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, keep: Tensor, scale: float) -> tuple[Tensor, int]:
+        x = _batch_first(x, in_dims[0], info.batch_size)
+        keep = _batch_first(keep, in_dims[1], info.batch_size)
+        return _ApplyKeep.apply(x, keep, scale), 0
+
+
+def _mask_shape(x: Tensor, channels: bool) -> tuple[int, ...]:
+    return (*x.shape[:2], *[1] * (x.dim() - 2)) if channels else tuple(x.shape)
+
+
+class _Dropout(torch.autograd.Function):
+    """Element or channel dropout: the mask drawn in forward and kept for backward."""
+
+    @staticmethod
+    def forward(x: Tensor, p: float, scale: float, channels: bool) -> tuple[Tensor, Tensor]:
+        if channels:
+            keep = keep_mask(_mask_shape(x, channels), p)
+        else:  # laid out as x, so that the pass runs in memory order (channels_last too)
+            keep = torch.empty_like(x, dtype=torch.bool)
+            flat = _dense_flat(keep)
+            if flat is None:
+                keep = keep_mask(tuple(x.shape), p)
+            else:
+                kernels = numba_kernels()
+                assert kernels is not None
+                kernels.draw_keep(_np(flat), _key(), _threshold(p))
+        return apply_keep(x, keep, scale), keep
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        keep = output[1]
+        ctx.mark_non_differentiable(keep)
+        ctx.save_for_backward(keep)
+        ctx.scale = inputs[2]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None, None]:
+        (keep,) = ctx.saved_tensors
+        return _ApplyKeep.apply(grad, keep, ctx.scale), None, None, None
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], x: Tensor, p: float, scale: float, channels: bool
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        if info.randomness == "error":
+            raise RuntimeError(_VMAP_ERROR)
+        x = _batch_first(x, in_dims[0], info.batch_size)
+        if info.randomness == "same":  # one mask of the unbatched shape for every element
+            keep = keep_mask(_mask_shape(x[0], channels), p)
+            keep = keep.expand(info.batch_size, *keep.shape).contiguous()
+            return (_ApplyKeep.apply(x, keep, scale), keep), (0, 0)
+        if channels:  # batch and sample dims as one: a draw per (element, sample, channel)
+            out, keep = _Dropout.apply(x.reshape(-1, *x.shape[2:]), p, scale, channels)
+            return (out.view_as(x), keep.view(*x.shape[:3], *keep.shape[2:])), (0, 0)
+        return _Dropout.apply(x, p, scale, channels), (0, 0)
+
+
+def dropout(x: Tensor, p: float, scale: float, channels: bool = False, inplace: bool = False) -> Tensor:
+    """Element (or, batched (N, C, *spatial), channel) dropout of a CPU float32 / float64
+    tensor with ``0 < p < 1``: keep w.p. ``1 - p``, kept entries times ``scale``."""
+    out, _ = _Dropout.apply(x, p, scale, channels)
+    return x.copy_(out) if inplace else out
+
+
+def _chunk_keys(seeds: list[int]) -> list[int]:
+    return [_key(torch.Generator().manual_seed(seed)) for seed in seeds]
+
+
+def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:
+    """``groups`` independent DropConnect copies of a CPU ``weight`` (inverted scaling),
+    the masks from the stream keyed by a draw of ``generator``; differentiable (torch ops)."""
+    keep = keep_mask((groups, *weight.shape), p, _key(generator))
+    return torch.where(keep, weight * (1.0 / (1.0 - p)), torch.zeros((), dtype=weight.dtype))
+
+
+def _stream(key: int, p: float) -> tuple[Any, Any]:
+    return np.uint64(key % 2**64), np.uint64(_threshold(p))
+
+
+def _chunks(groups: int, seeds: list[int]) -> list[slice]:
+    size = -(-groups // len(seeds))
+    return [slice(k * size, min(groups, (k + 1) * size)) for k in range(len(seeds))]
+
+
+class _MaskedLinear(torch.autograd.Function):
+    """Per-group masked ``x @ weight.T / (1 - p)``, x (G, R, I): chunk ``k`` of the groups
+    has the masks of :func:`group_masked_weights` under a generator seeded ``seeds[k]``,
+    drawn row by row inside the products and again in backward, never stored."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor:
+        kernels = numba_kernels()
+        assert kernels is not None
+        out = x.new_empty(*x.shape[:2], weight.shape[0])
+        scale = _scalar(1.0 / (1.0 - p), x)
+        for part, key in zip(_chunks(x.shape[0], seeds), _chunk_keys(seeds), strict=True):
+            kernels.masked_linear(_np(x[part]), _np(weight), *_stream(key, p), scale, _np(out[part]))
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, weight, ctx.p, ctx.seeds = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        x, weight = ctx.saved_tensors
+        parts, keys = _chunks(x.shape[0], ctx.seeds), _chunk_keys(ctx.seeds)
+        if torch.is_grad_enabled():  # a graph of the backward (double backward): torch ops
+            grads_x, grad_weight = [], torch.zeros_like(weight)
+            for part, key in zip(parts, keys, strict=True):
+                keep = keep_mask((part.stop - part.start, *weight.shape), ctx.p, key)
+                scaled = torch.where(keep, 1.0 / (1.0 - ctx.p), 0.0).to(weight.dtype)
+                grads_x.append(torch.bmm(grad[part], weight * scaled))
+                grad_weight = grad_weight + (torch.bmm(grad[part].transpose(1, 2), x[part]) * scaled).sum(0)
+            return torch.cat(grads_x), grad_weight, None, None
+        kernels = numba_kernels()
+        assert kernels is not None
+        grad, scale = grad.contiguous(), _scalar(1.0 / (1.0 - ctx.p), x)
+        grad_x, grad_weight = torch.zeros_like(x), torch.zeros_like(weight)
+        for part, key in zip(parts, keys, strict=True):
+            arrays = (_np(grad[part]), _np(grad_x[part]), _np(grad_weight))
+            kernels.masked_linear_backward(_np(x[part]), _np(weight), *_stream(key, ctx.p), scale, *arrays)
+        return grad_x, grad_weight, None, None
+
+
+def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor:
+    """``x[g] @ (weight * mask_g).T / (1 - p)`` per group ``g`` of ``x`` (G, R, in), float32
+    or float64 on CPU, the masks never stored (:class:`_MaskedLinear`)."""
+    return _MaskedLinear.apply(x.contiguous(), weight.contiguous(), p, seeds)
