@@ -103,4 +103,4 @@ def scaled_keep_mask(
         >>> bool(((mask == 0) | (mask == 2)).all())
         True
     """
-    return kernels.dropout(torch.ones(shape, dtype=like.dtype, device=like.device), p, inverted)
+    return kernels.drop_elements(torch.ones(shape, dtype=like.dtype, device=like.device), p, inverted)

@@ -134,7 +134,7 @@ def drop_block_2d(
         return x
     # Seeds drawn on the element path: -1 (no seed) with probability 1 - gamma, else 0.
     minus_ones = torch.full(_seed_shape(x, block, share_channels), -1.0, dtype=x.dtype, device=x.device)
-    minus_no_seed = kernels.dropout(minus_ones, gamma, inverted=False)
+    minus_no_seed = kernels.drop_elements(minus_ones, gamma, inverted=False)
     return x * _scaled_keep(_minus_keep(minus_no_seed, block), normalize, p)
 
 

@@ -54,7 +54,7 @@ def drop_connect(weight: Tensor, p: float | Tensor = 0.5, training: bool = True)
         return weight
     if (exact := exact_output(weight, p)) is not None:
         return exact
-    return kernels.dropout(weight, p)
+    return kernels.drop_elements(weight, p)
 
 
 class DropConnect(WeightMaskLayer, nn.Module):

@@ -50,7 +50,7 @@ def dropout(
         return evaluation_output(x, p, inverted, inplace)
     if (exact := exact_output(x, p, inplace)) is not None:
         return exact
-    return kernels.dropout(x, p, inverted, inplace)
+    return kernels.drop_elements(x, p, inverted, inplace)
 
 
 class Dropout(DropoutBase):

@@ -18,7 +18,7 @@ from lightning_dropout import (
     DropConnectLinear,
     kernels,
 )
-from lightning_dropout.kernels import cpu
+from lightning_dropout.kernels import _cpu as cpu
 from lightning_dropout.layers import drop_connect
 
 
@@ -194,8 +194,8 @@ def test_per_sample_linear_kernel_chunks_follow_the_budget(monkeypatch: pytest.M
         pytest.skip("no kernel for per-sample linear masks here")
     layer = DropConnectLinear(64, 32, per_sample=True, max_mask_bytes=5 * 64 * 32 * 4)  # 5 samples' weights
     sizes: list[int] = []
-    original = cpu.keep_mask
-    monkeypatch.setattr(cpu, "keep_mask", lambda n, *a: sizes.append(n // (64 * 32)) or original(n, *a))
+    original = cpu._chunks
+    monkeypatch.setattr(cpu, "_chunks", lambda g, s: sizes.extend(c.stop - c.start for c in original(g, s)) or original(g, s))
     layer(torch.randn(12, 64, requires_grad=True)).sum().backward()
     assert sizes == [4, 4, 4] * 2  # 3 equal chunks within the budget; backward draws them again
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_dropout import DropConnectLinear
-from lightning_dropout.kernels import cpu
+from lightning_dropout.kernels import _cpu as cpu
 
 SIGMAS = 5.0
 
