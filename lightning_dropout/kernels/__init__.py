@@ -67,6 +67,7 @@ def _fits_triton(x: Tensor) -> bool:
 # by ``python -m benchmarks.sizes``; docs/performance.md).
 CPU_MIN_NUMEL = 1024
 CPU_MIN_NUMEL_CHANNELS = 8192
+CPU_MIN_NUMEL_GAUSSIAN = 8192
 
 
 def _cpu_fast(x: Tensor, p: float | Tensor, min_numel: int) -> bool:
@@ -121,6 +122,9 @@ def gaussian_noise(x: Tensor, p: float | Tensor) -> Tensor:
         sigma = math.sqrt(p / (1.0 - p))
     if triton_kernels is not None and _fits_triton(x):
         return triton_kernels.gaussian_dropout(x, sigma)
+    if _cpu_fast(x, sigma, CPU_MIN_NUMEL_GAUSSIAN):
+        assert not isinstance(sigma, Tensor)
+        return _cpu.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
 
 

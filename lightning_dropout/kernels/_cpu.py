@@ -28,10 +28,6 @@ from torch import Tensor
 # Set to 0 to take torch ops instead of the numba kernels.
 NUMBA_SWITCH = "LIGHTNING_DROPOUT_NUMBA"
 _DTYPES = (torch.float32, torch.float64)
-_VMAP_ERROR = (
-    "vmap: called random operation while in randomness error mode. Please either use the "
-    "'same' or 'different' randomness flags on vmap or perform the randomness operation out of vmap"
-)
 
 
 @functools.cache
@@ -42,9 +38,9 @@ def numba_kernels() -> ModuleType | None:
     try:
         from lightning_dropout.kernels import _numba
 
-        check = torch.zeros(3, dtype=torch.bool)
-        _numba.draw_keep(check.numpy(), 0, 0)  # compiles (or loads from the disk cache) now
-        if not bool(check.all()):
+        check = np.zeros(3, dtype=np.bool_)
+        _numba.draw_keep(check, 0, 0)  # compiles (or loads from the disk cache) now
+        if not check.all():
             raise RuntimeError("a mask at p = 0 dropped entries")
     except ImportError:
         return None
@@ -59,7 +55,7 @@ def fits(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _DTYPES and numba_kernels() is not None
 
 
-def _key(generator: torch.Generator | None = None) -> int:
+def _key(generator: torch.Generator) -> int:
     return int(torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, generator=generator))
 
 
@@ -67,50 +63,78 @@ def _threshold(p: float) -> int:
     return round(p * 2**32)
 
 
-def keep_mask(shape: tuple[int, ...], p: float, key: int | None = None) -> Tensor:
-    """A contiguous bool tensor, True w.p. ``1 - p``, from the stream ``key`` (drawn from
-    torch's generator when None)."""
+def keep_mask(shape: tuple[int, ...], p: float, key: int) -> Tensor:
+    """A contiguous bool tensor, True w.p. ``1 - p``, from the stream ``key``."""
     kernels = numba_kernels()
     assert kernels is not None
     keep = torch.empty(shape, dtype=torch.bool)
-    kernels.draw_keep(_np(keep.view(-1)), _key() if key is None else key, _threshold(p))
+    kernels.draw_keep(_np(keep.view(-1)), key, _threshold(p))
     return keep
 
 
 def _dense_flat(t: Tensor) -> Tensor | None:
     """``t``'s elements in memory order as a 1-D view, or None if its memory has gaps."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
     permuted = t.permute(order)
     return permuted.view(-1) if permuted.is_contiguous() else None
 
 
+def _flat_arrays(*tensors: Tensor) -> list[Any] | None:
+    """Arrays of the tensors' elements in one memory order, or None unless all are laid
+    out alike without gaps."""
+    if any(t.shape != tensors[0].shape or t.stride() != tensors[0].stride() for t in tensors):
+        return None
+    flat = [_dense_flat(t) for t in tensors]
+    return [_np(f) for f in flat if f is not None] if all(f is not None for f in flat) else None
+
+
+class _ArrayView:
+    """A numpy view of a CPU tensor's memory through the array interface: unlike
+    ``Tensor.numpy()``, it leaves the storage resizable (FSDP2 frees parameters so)."""
+
+    def __init__(self, t: Tensor) -> None:
+        size = t.element_size()
+        self.__array_interface__ = {
+            "data": (t.data_ptr(), False),
+            "shape": tuple(t.shape),
+            "strides": tuple(stride * size for stride in t.stride()),
+            "typestr": _TYPESTR[t.dtype],
+            "version": 3,
+        }
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float64: "<f8", torch.bool: "|b1"}
+
+
 def _np(t: Tensor) -> Any:
-    return t.detach().numpy()
+    if t.numel() == 0:  # no memory to view
+        return np.empty(tuple(t.shape), dtype=_TYPESTR[t.dtype])
+    return np.asarray(_ArrayView(t))
 
 
 def _scalar(scale: float, like: Tensor) -> Any:
     # the scale rounded to the dtype, as torch rounds a Python scalar in ``x * scale``
-    return torch.tensor(scale, dtype=like.dtype).numpy()[()]
+    return np.float32(scale) if like.dtype == torch.float32 else np.float64(scale)
 
 
-def apply_keep(x: Tensor, keep: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-    """``x * scale`` where ``keep`` (bool, ``x``'s leading dims then ones) is True, exactly
-    0 elsewhere, into ``out`` (``x`` itself: in place) or a tensor laid out as ``x``."""
+def apply_keep(x: Tensor, keep: Tensor, scale: float) -> Tensor:
+    """``x * scale`` where ``keep`` (bool: ``x``'s shape, or its leading dims then ones) is
+    True, exactly 0 elsewhere (an infinite or NaN ``x`` too), laid out as ``x``."""
     kernels = numba_kernels()
-    if kernels is not None and x.dtype in _DTYPES and x.device.type == "cpu":
-        out = torch.empty_like(x) if out is None else out
-        if keep.shape == x.shape and keep.stride() == x.stride() == out.stride():
-            flat = [_dense_flat(t) for t in (x, keep, out)]
-            if all(f is not None for f in flat):
-                kernels.apply_elements(_np(flat[0]), _np(flat[1]), _scalar(scale, x), _np(flat[2]))
-                return out
-        elif x.is_contiguous() and keep.is_contiguous() and out.is_contiguous() and keep.numel():
-            rows = (keep.numel(), x.numel() // keep.numel())
-            x_rows, out_rows = _np(x.view(rows)), _np(out.view(rows))
-            kernels.apply_rows(x_rows, _np(keep.view(-1)), _scalar(scale, x), out_rows)
-            return out
-    result = torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
-    return result if out is None else out.copy_(result)
+    if kernels is None or x.dtype not in _DTYPES or x.device.type != "cpu":
+        return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
+    out = torch.empty_like(x)
+    arrays = _flat_arrays(x, keep, out)
+    if arrays is not None:
+        kernels.apply_elements(arrays[0], arrays[1], _scalar(scale, x), arrays[2])
+    elif keep.shape != x.shape and x.is_contiguous() and keep.is_contiguous() and keep.numel():
+        rows = (keep.numel(), x.numel() // keep.numel())
+        kernels.apply_rows(_np(x.view(rows)), _np(keep.view(-1)), _scalar(scale, x), _np(out.view(rows)))
+    else:
+        return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
+    return out
 
 
 def _batch_first(x: Tensor, dim: int | None, size: int) -> Tensor:
@@ -136,7 +160,9 @@ class _ApplyKeep(torch.autograd.Function):
         return _ApplyKeep.apply(grad, keep, ctx.scale), None, None
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, keep: Tensor, scale: float) -> tuple[Tensor, int]:
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], x: Tensor, keep: Tensor, scale: float
+    ) -> tuple[Tensor, int]:
         x = _batch_first(x, in_dims[0], info.batch_size)
         keep = _batch_first(keep, in_dims[1], info.batch_size)
         return _ApplyKeep.apply(x, keep, scale), 0
@@ -147,21 +173,22 @@ def _mask_shape(x: Tensor, channels: bool) -> tuple[int, ...]:
 
 
 class _Dropout(torch.autograd.Function):
-    """Element or channel dropout: the mask drawn in forward and kept for backward."""
+    """Element or channel dropout: the mask drawn in forward from the stream ``key`` (a 0-d
+    int64 tensor drawn outside, so that vmap sees the randomness) and kept for backward."""
 
     @staticmethod
-    def forward(x: Tensor, p: float, scale: float, channels: bool) -> tuple[Tensor, Tensor]:
+    def forward(x: Tensor, key: Tensor, p: float, scale: float, channels: bool) -> tuple[Tensor, Tensor]:
         if channels:
-            keep = keep_mask(_mask_shape(x, channels), p)
+            keep = keep_mask(_mask_shape(x, channels), p, int(key))
         else:  # laid out as x, so that the pass runs in memory order (channels_last too)
             keep = torch.empty_like(x, dtype=torch.bool)
-            flat = _dense_flat(keep)
-            if flat is None:
-                keep = keep_mask(tuple(x.shape), p)
+            arrays = _flat_arrays(keep)
+            if arrays is None:
+                keep = keep_mask(tuple(x.shape), p, int(key))
             else:
                 kernels = numba_kernels()
                 assert kernels is not None
-                kernels.draw_keep(_np(flat), _key(), _threshold(p))
+                kernels.draw_keep(arrays[0], int(key), _threshold(p))
         return apply_keep(x, keep, scale), keep
 
     @staticmethod
@@ -169,35 +196,72 @@ class _Dropout(torch.autograd.Function):
         keep = output[1]
         ctx.mark_non_differentiable(keep)
         ctx.save_for_backward(keep)
-        ctx.scale = inputs[2]
+        ctx.scale = inputs[3]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None, None, None]:
         (keep,) = ctx.saved_tensors
-        return _ApplyKeep.apply(grad, keep, ctx.scale), None, None, None
+        return _ApplyKeep.apply(grad, keep, ctx.scale), None, None, None, None
 
     @staticmethod
     def vmap(
-        info: Any, in_dims: tuple[Any, ...], x: Tensor, p: float, scale: float, channels: bool
+        info: Any, in_dims: tuple[Any, ...], x: Tensor, key: Tensor, p: float, scale: float, channels: bool
     ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
-        if info.randomness == "error":
-            raise RuntimeError(_VMAP_ERROR)
         x = _batch_first(x, in_dims[0], info.batch_size)
-        if info.randomness == "same":  # one mask of the unbatched shape for every element
-            keep = keep_mask(_mask_shape(x[0], channels), p)
+        if in_dims[1] is None:  # randomness="same": one key, one mask for every element
+            keep = keep_mask(_mask_shape(x[0], channels), p, int(key))
             keep = keep.expand(info.batch_size, *keep.shape).contiguous()
             return (_ApplyKeep.apply(x, keep, scale), keep), (0, 0)
-        if channels:  # batch and sample dims as one: a draw per (element, sample, channel)
-            out, keep = _Dropout.apply(x.reshape(-1, *x.shape[2:]), p, scale, channels)
-            return (out.view_as(x), keep.view(*x.shape[:3], *keep.shape[2:])), (0, 0)
-        return _Dropout.apply(x, p, scale, channels), (0, 0)
+        keys = key.movedim(in_dims[1], 0)  # "different": a key, and a mask, per element
+        pairs = [_Dropout.apply(x[b], keys[b], p, scale, channels) for b in range(info.batch_size)]
+        return (torch.stack([out for out, _ in pairs]), torch.stack([keep for _, keep in pairs])), (0, 0)
 
 
 def dropout(x: Tensor, p: float, scale: float, channels: bool = False, inplace: bool = False) -> Tensor:
     """Element (or, batched (N, C, *spatial), channel) dropout of a CPU float32 / float64
     tensor with ``0 < p < 1``: keep w.p. ``1 - p``, kept entries times ``scale``."""
-    out, _ = _Dropout.apply(x, p, scale, channels)
+    key = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
+    out, _ = _Dropout.apply(x, key, p, scale, channels)
     return x.copy_(out) if inplace else out
+
+
+class _NoiseProduct(torch.autograd.Function):
+    """``x * (1 + sigma * noise)`` in one pass; backward multiplies by the same factor."""
+
+    @staticmethod
+    def forward(x: Tensor, noise: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+        kernels = numba_kernels()
+        factor, out = torch.empty_like(noise), torch.empty_like(x)
+        arrays = _flat_arrays(x, noise, factor, out)
+        if kernels is None or arrays is None:
+            factor.copy_(noise * sigma + 1.0)
+            return out.copy_(x * factor), factor
+        kernels.noise_product(arrays[0], arrays[1], _scalar(sigma, x), arrays[2], arrays[3])
+        return out, factor
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None, None
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], x: Tensor, noise: Tensor, sigma: float
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        x = _batch_first(x, in_dims[0], info.batch_size)
+        noise = _batch_first(noise, in_dims[1], info.batch_size)
+        return _NoiseProduct.apply(x, noise, sigma), (0, 0)
+
+
+def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
+    """``x * (1 + sigma * eps)``, eps ~ N(0, 1) from ``torch.randn_like`` (which follows
+    torch's vmap ``randomness`` contract), the product taken in one pass."""
+    return _NoiseProduct.apply(x, torch.randn_like(x), sigma)[0]
 
 
 def _chunk_keys(seeds: list[int]) -> list[int]:

@@ -21,7 +21,11 @@ _jit = numba.njit(nogil=True, cache=True)
 # Reassociation lets the sums use vector lanes; no flag that assumes finite values.
 _sum_jit = numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 
-_GAMMA, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GAMMA, _MIX1, _MIX2 = (
+    np.uint64(0x9E3779B97F4A7C15),
+    np.uint64(0xBF58476D1CE4E5B9),
+    np.uint64(0x94D049BB133111EB),
+)
 # Weight rows a block of the masked linear kernels: the block stays in cache while every
 # sample of the batch meets it.
 _ROWS = 16
@@ -67,6 +71,14 @@ def apply_rows(x: np.ndarray, keep: np.ndarray, scale: Any, out: np.ndarray) -> 
         else:
             for j in range(x.shape[1]):
                 out[r, j] = zero
+
+
+@_jit
+def noise_product(x: np.ndarray, noise: np.ndarray, sigma: Any, factor: np.ndarray, out: np.ndarray) -> None:
+    """``factor = 1 + sigma * noise`` and ``out = x * factor``, in one pass."""
+    for i in range(x.size):
+        factor[i] = sigma * noise[i] + 1
+        out[i] = x[i] * factor[i]
 
 
 @_sum_jit
