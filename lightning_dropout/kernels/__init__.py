@@ -63,11 +63,13 @@ def _fits_triton(x: Tensor) -> bool:
     return x.device.type in TRITON_DEVICES and x.dtype in TRITON_DTYPES
 
 
-# From these many elements the numba kernels beat torch ops (forward + backward, measured
-# by ``python -m benchmarks.sizes``; docs/performance.md).
-CPU_MIN_NUMEL = 1024
-CPU_MIN_NUMEL_CHANNELS = 8192
-CPU_MIN_NUMEL_GAUSSIAN = 8192
+# From these many elements the numba kernels beat torch ops, forward + backward (by
+# ``python -m benchmarks.sizes``; benchmarks/results/sizes.md): below them a kernel call's
+# fixed cost (an autograd Function, a key, array views: some 50 us on 2 cores) exceeds what
+# it saves. The Gaussian pass saves only the arithmetic passes after torch's ``randn``.
+CPU_MIN_NUMEL = 1 << 14
+CPU_MIN_NUMEL_CHANNELS = 1 << 16
+CPU_MIN_NUMEL_GAUSSIAN = 1 << 20
 
 
 def _cpu_fast(x: Tensor, p: float | Tensor, min_numel: int) -> bool:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -284,6 +286,23 @@ def _chunks(groups: int, seeds: list[int]) -> list[slice]:
     return [slice(k * size, min(groups, (k + 1) * size)) for k in range(len(seeds))]
 
 
+def _row_parts(rows: int) -> list[tuple[int, int]]:
+    """Weight rows in as many parts as torch has threads (each part at least 64 rows)."""
+    parts = max(1, min(torch.get_num_threads(), rows // 64))
+    return [(rows * k // parts, rows * (k + 1) // parts) for k in range(parts)]
+
+
+def _run_parts(kernel: Callable[..., None], calls: list[tuple[Any, ...]]) -> None:
+    """``kernel(*call)`` for each call: the first on this thread, the others on threads
+    started for this call (the kernels release the GIL), so nothing outlives it or a fork."""
+    helpers = [threading.Thread(target=kernel, args=call) for call in calls[1:]]
+    for helper in helpers:
+        helper.start()
+    kernel(*calls[0])
+    for helper in helpers:
+        helper.join()
+
+
 class _MaskedLinear(torch.autograd.Function):
     """Per-group masked ``x @ weight.T / (1 - p)``, x (G, R, I): chunk ``k`` of the groups
     has the masks of :func:`group_masked_weights` under a generator seeded ``seeds[k]``,
@@ -294,9 +313,10 @@ class _MaskedLinear(torch.autograd.Function):
         kernels = numba_kernels()
         assert kernels is not None
         out = x.new_empty(*x.shape[:2], weight.shape[0])
-        scale = _scalar(1.0 / (1.0 - p), x)
-        for part, key in zip(_chunks(x.shape[0], seeds), _chunk_keys(seeds), strict=True):
-            kernels.masked_linear(_np(x[part]), _np(weight), *_stream(key, p), scale, _np(out[part]))
+        scale, parts = _scalar(1.0 / (1.0 - p), x), _row_parts(weight.shape[0])
+        for chunk, key in zip(_chunks(x.shape[0], seeds), _chunk_keys(seeds), strict=True):
+            arrays = (_np(x[chunk]), _np(weight), *_stream(key, p), scale, _np(out[chunk]))
+            _run_parts(kernels.masked_linear, [(*arrays, start, stop) for start, stop in parts])
         return out
 
     @staticmethod
@@ -307,23 +327,29 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
         x, weight = ctx.saved_tensors
-        parts, keys = _chunks(x.shape[0], ctx.seeds), _chunk_keys(ctx.seeds)
+        chunks, keys = _chunks(x.shape[0], ctx.seeds), _chunk_keys(ctx.seeds)
         if torch.is_grad_enabled():  # a graph of the backward (double backward): torch ops
             grads_x, grad_weight = [], torch.zeros_like(weight)
-            for part, key in zip(parts, keys, strict=True):
-                keep = keep_mask((part.stop - part.start, *weight.shape), ctx.p, key)
+            for chunk, key in zip(chunks, keys, strict=True):
+                keep = keep_mask((chunk.stop - chunk.start, *weight.shape), ctx.p, key)
                 scaled = torch.where(keep, 1.0 / (1.0 - ctx.p), 0.0).to(weight.dtype)
-                grads_x.append(torch.bmm(grad[part], weight * scaled))
-                grad_weight = grad_weight + (torch.bmm(grad[part].transpose(1, 2), x[part]) * scaled).sum(0)
+                grads_x.append(torch.bmm(grad[chunk], weight * scaled))
+                grad_weight = grad_weight + (torch.bmm(grad[chunk].transpose(1, 2), x[chunk]) * scaled).sum(0)
             return torch.cat(grads_x), grad_weight, None, None
         kernels = numba_kernels()
         assert kernels is not None
         grad, scale = grad.contiguous(), _scalar(1.0 / (1.0 - ctx.p), x)
-        grad_x, grad_weight = torch.zeros_like(x), torch.zeros_like(weight)
-        for part, key in zip(parts, keys, strict=True):
-            arrays = (_np(grad[part]), _np(grad_x[part]), _np(grad_weight))
-            kernels.masked_linear_backward(_np(x[part]), _np(weight), *_stream(key, ctx.p), scale, *arrays)
-        return grad_x, grad_weight, None, None
+        rows = _row_parts(weight.shape[0])
+        # one grad_x a part: every weight row adds to all of it
+        grad_xs, grad_weight = x.new_zeros(len(rows), *x.shape), torch.zeros_like(weight)
+        for chunk, key in zip(chunks, keys, strict=True):
+            arrays = (_np(x[chunk]), _np(weight), *_stream(key, ctx.p), scale, _np(grad[chunk]))
+            calls = [
+                (*arrays, _np(grad_xs[k, chunk]), _np(grad_weight), start, stop)
+                for k, (start, stop) in enumerate(rows)
+            ]
+            _run_parts(kernels.masked_linear_backward, calls)
+        return grad_xs.sum(0), grad_weight, None, None
 
 
 def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor:

@@ -1,7 +1,7 @@
 """numba kernels of the CPU path (imported only where numba is installed and switched on).
 
-Each kernel is one serial pass on the calling thread that releases the GIL, so that
-several Python threads may run them at once; nothing is shared between calls.
+Each kernel is one serial pass that releases the GIL, so that several Python threads may
+run them at once; nothing is shared between calls.
 
 Masks come from SplitMix64 (Steele, Lea & Flood 2014): word ``k`` of the stream keyed by
 ``key`` is a bijective mix of ``key + (k + 1) * GAMMA``, computed without the words before
@@ -83,18 +83,26 @@ def noise_product(x: np.ndarray, noise: np.ndarray, sigma: Any, factor: np.ndarr
 
 @_sum_jit
 def masked_linear(
-    x: np.ndarray, weight: np.ndarray, key: np.uint64, threshold: np.uint64, scale: Any, out: np.ndarray
+    x: np.ndarray,
+    weight: np.ndarray,
+    key: np.uint64,
+    threshold: np.uint64,
+    scale: Any,
+    out: np.ndarray,
+    start: int,
+    stop: int,
 ) -> None:
-    """``out[g, r, o] = scale * sum_i x[g, r, i] * weight[o, i]`` over the kept ``(g, o, i)``:
-    entry ``(g * O + o) * I + i`` of the stream keyed ``key``, drawn here, row by row."""
+    """``out[g, r, o] = scale * sum_i x[g, r, i] * weight[o, i]`` over the kept ``(g, o, i)``
+    (entry ``(g * O + o) * I + i`` of the stream keyed ``key``, drawn here row by row), for
+    the weight rows ``start <= o < stop``."""
     groups, rows, inputs = x.shape
     outputs = weight.shape[0]
     keep = np.empty(inputs, np.bool_)
     words = np.empty(inputs // 2 + 2, np.uint64)
     zero = scale - scale
-    for block in range(0, outputs, _ROWS):
+    for block in range(start, stop, _ROWS):
         for g in range(groups):
-            for o in range(block, min(block + _ROWS, outputs)):
+            for o in range(block, min(block + _ROWS, stop)):
                 _draw(keep, key, (g * outputs + o) * inputs, threshold, words)
                 for r in range(rows):
                     total = zero
@@ -113,16 +121,19 @@ def masked_linear_backward(
     grad: np.ndarray,
     grad_x: np.ndarray,
     grad_weight: np.ndarray,
+    start: int,
+    stop: int,
 ) -> None:
-    """Add the gradients of :func:`masked_linear` to ``grad_x`` and ``grad_weight``."""
+    """Add the gradients of :func:`masked_linear` over the weight rows ``start`` to ``stop``
+    to ``grad_x`` (every row adds to all of it) and ``grad_weight``."""
     groups, rows, inputs = x.shape
     outputs = weight.shape[0]
     keep = np.empty(inputs, np.bool_)
     words = np.empty(inputs // 2 + 2, np.uint64)
     zero = scale - scale
-    for block in range(0, outputs, _ROWS):
+    for block in range(start, stop, _ROWS):
         for g in range(groups):
-            for o in range(block, min(block + _ROWS, outputs)):
+            for o in range(block, min(block + _ROWS, stop)):
                 _draw(keep, key, (g * outputs + o) * inputs, threshold, words)
                 for r in range(rows):
                     d = grad[g, r, o] * scale

@@ -281,11 +281,21 @@ def test_numba_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: py
         _cpu.numba_kernels.cache_clear()
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request: pytest.FixtureRequest) -> object:
+    """torch's thread count, which sets how many parts a masked product runs in."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_group_masked_linear_multiplies_by_the_group_masks(dtype: torch.dtype) -> None:
+def test_group_masked_linear_multiplies_by_the_group_masks(dtype: torch.dtype, threads: int) -> None:
     x = torch.randn(6, 3, 200, dtype=dtype, requires_grad=True)  # 6 groups of 3 rows
-    weight = torch.randn(40, 200, dtype=dtype, requires_grad=True)
+    weight = torch.randn(130, 200, dtype=dtype, requires_grad=True)  # 2 parts of rows on 2 threads
+    assert len(_cpu._row_parts(weight.shape[0])) == threads
     y = _cpu.group_masked_linear(x, weight, 0.3, [6, 7])  # two chunks of 3 groups
     masked = torch.cat(
         [_cpu.group_masked_weights(weight, 3, 0.3, torch.Generator().manual_seed(s)) for s in (6, 7)]
