@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -92,28 +92,19 @@ def _flat_arrays(*tensors: Tensor) -> list[Any] | None:
     return [_np(f) for f in flat if f is not None] if all(f is not None for f in flat) else None
 
 
-class _ArrayView:
-    """A numpy view of a CPU tensor's memory through the array interface: unlike
-    ``Tensor.numpy()``, it leaves the storage resizable (FSDP2 frees parameters so)."""
-
-    def __init__(self, t: Tensor) -> None:
-        size = t.element_size()
-        self.__array_interface__ = {
-            "data": (t.data_ptr(), False),
-            "shape": tuple(t.shape),
-            "strides": tuple(stride * size for stride in t.stride()),
-            "typestr": _TYPESTR[t.dtype],
-            "version": 3,
-        }
-
-
 _TYPESTR = {torch.float32: "<f4", torch.float64: "<f8", torch.bool: "|b1"}
 
 
 def _np(t: Tensor) -> Any:
+    """A numpy view of a CPU tensor's memory through the array interface: unlike
+    ``Tensor.numpy()``, it leaves the storage resizable (FSDP2 frees parameters so)."""
     if t.numel() == 0:  # no memory to view
         return np.empty(tuple(t.shape), dtype=_TYPESTR[t.dtype])
-    return np.asarray(_ArrayView(t))
+    strides = tuple(stride * t.element_size() for stride in t.stride())
+    interface = {"data": (t.data_ptr(), False), "shape": tuple(t.shape), "strides": strides}
+    return np.asarray(
+        SimpleNamespace(__array_interface__={**interface, "typestr": _TYPESTR[t.dtype], "version": 3})
+    )
 
 
 def _scalar(scale: float, like: Tensor) -> Any:
