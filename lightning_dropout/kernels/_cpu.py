@@ -219,42 +219,40 @@ def dropout(x: Tensor, p: float, scale: float, channels: bool = False, inplace: 
 
 
 class _NoiseProduct(torch.autograd.Function):
-    """``x * (1 + sigma * noise)`` in one pass; backward multiplies by the same factor."""
+    """``x * (1 + sigma * noise)`` in one pass; backward multiplies by the same factor.
+    ``noise`` is the caller's fresh draw: the factor overwrites it (no second buffer)."""
 
     @staticmethod
-    def forward(x: Tensor, noise: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
-        kernels = numba_kernels()
-        factor, out = torch.empty_like(noise), torch.empty_like(x)
-        arrays = _flat_arrays(x, noise, factor, out)
+    def forward(x: Tensor, noise: Tensor, sigma: float) -> Tensor:
+        kernels, out = numba_kernels(), torch.empty_like(x)
+        arrays = _flat_arrays(x, noise, out)
         if kernels is None or arrays is None:
-            factor.copy_(noise * sigma + 1.0)
-            return out.copy_(x * factor), factor
-        kernels.noise_product(arrays[0], arrays[1], _scalar(sigma, x), arrays[2], arrays[3])
-        return out, factor
+            return out.copy_(x * noise.mul_(sigma).add_(1.0))
+        kernels.noise_product(arrays[0], arrays[1], _scalar(sigma, x), arrays[2])
+        return out
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (factor,) = ctx.saved_tensors
         return grad * factor, None, None
 
     @staticmethod
     def vmap(
         info: Any, in_dims: tuple[Any, ...], x: Tensor, noise: Tensor, sigma: float
-    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    ) -> tuple[Tensor, int]:
         x = _batch_first(x, in_dims[0], info.batch_size)
-        noise = _batch_first(noise, in_dims[1], info.batch_size)
-        return _NoiseProduct.apply(x, noise, sigma), (0, 0)
+        noise = _batch_first(noise, in_dims[1], info.batch_size).contiguous()  # written over
+        return _NoiseProduct.apply(x, noise, sigma), 0
 
 
 def gaussian_dropout(x: Tensor, sigma: float) -> Tensor:
     """``x * (1 + sigma * eps)``, eps ~ N(0, 1) from ``torch.randn_like`` (which follows
     torch's vmap ``randomness`` contract), the product taken in one pass."""
-    return _NoiseProduct.apply(x, torch.randn_like(x), sigma)[0]
+    return _NoiseProduct.apply(x, torch.randn_like(x), sigma)
 
 
 def _chunk_keys(seeds: list[int]) -> list[int]:

@@ -74,11 +74,11 @@ def apply_rows(x: np.ndarray, keep: np.ndarray, scale: Any, out: np.ndarray) -> 
 
 
 @_jit
-def noise_product(x: np.ndarray, noise: np.ndarray, sigma: Any, factor: np.ndarray, out: np.ndarray) -> None:
-    """``factor = 1 + sigma * noise`` and ``out = x * factor``, in one pass."""
+def noise_product(x: np.ndarray, noise: np.ndarray, sigma: Any, out: np.ndarray) -> None:
+    """``noise = 1 + sigma * noise`` (in place) and ``out = x * noise``, in one pass."""
     for i in range(x.size):
-        factor[i] = sigma * noise[i] + 1
-        out[i] = x[i] * factor[i]
+        noise[i] = sigma * noise[i] + 1
+        out[i] = x[i] * noise[i]
 
 
 @_sum_jit
