@@ -68,7 +68,7 @@ def _fits_triton(x: Tensor) -> bool:
 # fixed cost (an autograd Function, a key, array views: some 50 us on 2 cores) exceeds what
 # it saves. The Gaussian pass saves only the arithmetic passes after torch's ``randn``.
 CPU_MIN_NUMEL = 1 << 14
-CPU_MIN_NUMEL_CHANNELS = 1 << 16
+CPU_MIN_NUMEL_CHANNELS = 1 << 20
 CPU_MIN_NUMEL_GAUSSIAN = 1 << 20
 
 

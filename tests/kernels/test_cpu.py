@@ -29,6 +29,13 @@ needs_numba = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def kernels_for_all_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every size to the kernels (where numba is present), so small inputs test them."""
+    for name in ("CPU_MIN_NUMEL", "CPU_MIN_NUMEL_CHANNELS", "CPU_MIN_NUMEL_GAUSSIAN"):
+        monkeypatch.setattr(kernels, name, 1)
+
+
 def assert_binomial(count: int, trials: int, probability: float) -> None:
     sd = math.sqrt(trials * probability * (1.0 - probability))
     assert abs(count - trials * probability) <= SIGMAS * max(sd, 1.0), (count, trials * probability, sd)
@@ -76,8 +83,8 @@ def test_dropout_values_and_gradient_follow_the_mask() -> None:
 
 
 @pytest.mark.parametrize("channels", [False, True])
-def test_second_derivatives_match_finite_differences(channels: bool) -> None:
-    x = torch.randn(4, 8, 64, dtype=torch.float64, requires_grad=True)  # above both thresholds
+def test_second_derivatives_match_finite_differences(channels: bool, kernels_for_all_sizes: None) -> None:
+    x = torch.randn(4, 8, 64, dtype=torch.float64, requires_grad=True)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(5)  # the same mask on every call
@@ -89,7 +96,7 @@ def test_second_derivatives_match_finite_differences(channels: bool) -> None:
 
 
 @pytest.mark.parametrize("channels", [False, True])
-def test_dropped_infinities_and_nans_give_exact_zeros(channels: bool) -> None:
+def test_dropped_infinities_and_nans_give_exact_zeros(channels: bool, kernels_for_all_sizes: None) -> None:
     x = torch.randn(8, 16, 64, requires_grad=True)
     with torch.no_grad():
         x[:, :, 3] = math.inf
@@ -138,13 +145,13 @@ def test_passes_write_nothing_past_their_tensors() -> None:
 
 
 @pytest.mark.parametrize("rule", ["elements", "channels", "gaussian"])
-def test_vmap_follows_torch_randomness_contract(rule: str) -> None:
+def test_vmap_follows_torch_randomness_contract(rule: str, kernels_for_all_sizes: None) -> None:
     fn: Callable[[torch.Tensor], torch.Tensor] = {
         "elements": lambda t: kernels.drop_elements(t, 0.5),
         "channels": lambda t: kernels.drop_channels(t, 0.5),
         "gaussian": lambda t: kernels.gaussian_noise(t, 0.5),
     }[rule]
-    x = torch.ones(3, 4, 32, 64)  # each element (4, 32, 64): above every threshold
+    x = torch.ones(3, 4, 32, 64)
     with pytest.raises(RuntimeError, match="randomness"):
         vmap(fn, randomness="error")(x)
     same = vmap(fn, randomness="same")(x)
@@ -157,7 +164,7 @@ def test_vmap_follows_torch_randomness_contract(rule: str) -> None:
 
 
 @pytest.mark.parametrize("layer", [Dropout(0.3), Dropout2d(0.3), GaussianDropout(0.3)])
-def test_func_grad_through_functional_call(layer: torch.nn.Module) -> None:
+def test_func_grad_through_functional_call(layer: torch.nn.Module, kernels_for_all_sizes: None) -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), layer)
     params = dict(net.named_parameters())
     x = torch.randn(16, 4, 16, 16)
@@ -189,6 +196,7 @@ def _run_python(code: str, env: dict[str, str] | None = None) -> str:
 _MODES_SCRIPT = """
 import torch
 from lightning_dropout import kernels
+kernels.CPU_MIN_NUMEL = kernels.CPU_MIN_NUMEL_CHANNELS = kernels.CPU_MIN_NUMEL_GAUSSIAN = 1
 x = torch.randn(64, 4096, requires_grad=True)
 w = torch.randn(32, 4096, requires_grad=True)
 with torch.inference_mode():
@@ -219,7 +227,7 @@ def test_inference_mode_then_grad_in_a_fresh_process(numba_switch: str) -> None:
     assert out.split() == [str(numba_on), "True", "True"]
 
 
-def test_threads_call_at_once() -> None:
+def test_threads_call_at_once(kernels_for_all_sizes: None) -> None:
     x = torch.randn(256, 1024)
     errors: list[BaseException] = []
     results: list[bool] = []
@@ -371,7 +379,7 @@ def test_the_dispatch_takes_the_kernels_from_their_thresholds(monkeypatch: pytes
     assert calls == (["mask", "mask", "gaussian"] if _cpu.numba_kernels() is not None else [])
 
 
-def test_inputs_and_weights_keep_resizable_storage() -> None:
+def test_inputs_and_weights_keep_resizable_storage(kernels_for_all_sizes: None) -> None:
     # FSDP2 frees gathered parameters by resizing their storage to 0; Tensor.numpy() would
     # have made it fixed for good.
     x = torch.randn(64, 300, requires_grad=True)
