@@ -29,6 +29,8 @@ _GAMMA, _MIX1, _MIX2 = (
 # Weight rows a block of the masked linear kernels: the block stays in cache while every
 # sample of the batch meets it.
 _ROWS = 16
+# Mask entries drawn together (even, so that blocks start on a word).
+_BLOCK = 4096
 
 
 @_jit
@@ -47,9 +49,16 @@ def _draw(keep: np.ndarray, key: np.uint64, first: int, threshold: np.uint64, wo
         keep[j] = halves[j] >= threshold
 
 
+@_jit
+def _draw_blocks(keep: np.ndarray, key: np.uint64, threshold: np.uint64) -> None:
+    words = np.empty(_BLOCK // 2 + 2, np.uint64)  # scratch that stays in L1
+    for first in range(0, keep.size, _BLOCK):
+        _draw(keep[first : first + _BLOCK], key, first, threshold, words)
+
+
 def draw_keep(keep: np.ndarray, key: int, threshold: int) -> None:
     """Fill the flat bool array ``keep`` with entries ``0 ..`` of the stream keyed ``key``."""
-    _draw(keep, np.uint64(key % 2**64), 0, np.uint64(threshold), np.empty(keep.size // 2 + 2, np.uint64))
+    _draw_blocks(keep, np.uint64(key % 2**64), np.uint64(threshold))
 
 
 @_jit
