@@ -87,6 +87,29 @@ def evaluation_output(x: Tensor, p: float | Tensor, inverted: bool, inplace: boo
     return x.mul_(1.0 - p) if inplace else x * (1.0 - p)
 
 
+def in_memory_order(x: Tensor) -> tuple[Tensor, list[int]] | None:
+    """``x`` permuted into a contiguous view of its memory (a channels_last input, say) and
+    the permutation that undoes it; None when ``x`` is contiguous or has gaps.
+
+    An elementwise op on the view and the permutation back give an output laid out as
+    ``x``, as torch's elementwise ops do.
+
+    Example:
+        >>> x = torch.ones(2, 3, 4, 5).to(memory_format=torch.channels_last)
+        >>> view, back = in_memory_order(x)
+        >>> view.is_contiguous(), view.permute(back).stride() == x.stride()
+        (True, True)
+    """
+    if transforms_active() or x.is_contiguous():  # vmap hides the batched layout
+        return None
+    strides = x.stride()
+    order = sorted(range(x.dim()), key=lambda d: -strides[d])
+    view = x.permute(order)
+    if not view.is_contiguous():
+        return None
+    return view, sorted(range(x.dim()), key=lambda d: order[d])
+
+
 def transforms_active() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, ...) is running.
 

@@ -153,7 +153,7 @@ class DropConnect(WeightMaskLayer, nn.Module):
     def _grouped_forward(self, p: float | Tensor, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self.module, nn.RNNBase) or not args or not isinstance(args[0], Tensor):
             raise NotImplementedError(
-                f"independent masks per group (mask_groups={self.mask_groups}) need a module "
+                f"DropConnect: independent masks per group (mask_groups={self.mask_groups}) need a module "
                 f"mapping one batch-first tensor to a tensor, not {type(self.module).__name__}; "
                 "use looped Monte-Carlo inference (batched=False) for this model"
             )

@@ -257,6 +257,7 @@ class DropConnectLayer(WeightMaskLayer):
         memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
         if (
             memory_format is not None
+            and not transforms_active()  # vmap hides the batched layout
             and x.is_contiguous(memory_format=memory_format)
             and not x.is_contiguous()
         ):
