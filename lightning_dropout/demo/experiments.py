@@ -14,10 +14,12 @@ from lightning_dropout.callbacks import (
     DropoutScheduler,
     DropRateMonitor,
 )
-from lightning_dropout.demo.models import DigitsClassifier, DigitsCNN, DigitsMLP
+from lightning_dropout.demo.models import MnistClassifier, MnistCNN, MnistMLP
 
-MLP_P = 0.5
+INPUT_P = 0.2
+HIDDEN_P = 0.5
 CNN_P = 0.2
+RAMP = 0.25  # the scheduled model reaches its rates after this fraction of training
 
 
 @dataclass
@@ -27,28 +29,31 @@ class DemoConfig:
     Args:
         max_epochs: training epochs of each classifier.
         seeds: how many seeds each classifier is trained with (``seed``, ``seed + 1``, ...);
-            each seed draws its own split, initialisation and dropout masks.
+            each seed draws its own stratified split, initialisation and dropout masks.
         seed: the first seed; the autoencoders use it.
-        out: the output folder: TensorBoard logs, PNGs and ``report.md``.
+        out: the output folder: TensorBoard logs, PNGs, ``results.json`` and ``report.md``.
+        train_size: training digits of the classifiers.
+        test_size: test digits of the classifiers.
+        autoencoder_epochs: training epochs of each autoencoder.
+        autoencoder_digits: training digits of the autoencoders (1,000 others are held out).
+        cnn: also compare CNNs with element dropout and SpatialDropout.
+        threads: torch's intra-op threads during the demo.
         accelerator: Lightning's accelerator.
         devices: devices per run.
-        width: hidden units per layer of the MLPs.
-        train_size: training digits of the classifiers (200 more validate, the rest test).
-        autoencoder_epochs: training epochs of each autoencoder.
-        threads: torch's intra-op threads during the demo (its models are small: one thread
-            is the fastest on a busy CPU).
     """
 
-    max_epochs: int = 60
-    seeds: int = 3
+    max_epochs: int = 30
+    seeds: int = 5
     seed: int = 0
     out: str = "runs"
+    train_size: int = 2000
+    test_size: int = 3000
+    autoencoder_epochs: int = 20
+    autoencoder_digits: int = 4000
+    cnn: bool = False
+    threads: int = 1
     accelerator: str = "auto"
     devices: int | str = 1
-    width: int = 1024
-    train_size: int = 300
-    autoencoder_epochs: int = 300
-    threads: int = 1
 
     @property
     def seed_list(self) -> list[int]:
@@ -56,14 +61,8 @@ class DemoConfig:
         return list(range(self.seed, self.seed + self.seeds))
 
 
-def _coactivation() -> CoActivationMonitor:
-    # The hidden units themselves (the ReLU outputs), so runs with and without dropout
-    # share tags and TensorBoard draws them on the same charts.
-    return CoActivationMonitor(modules=["net.relu1", "net.relu2"], max_units=64)
-
-
-def _monitor_only() -> list[pl.Callback]:
-    return [_coactivation()]
+def _no_callbacks() -> list[pl.Callback]:
+    return []
 
 
 @dataclass
@@ -71,34 +70,47 @@ class Classifier:
     """One classifier of the comparison: its name, how to build it, its input kind, its callbacks."""
 
     name: str
-    build: Callable[[], DigitsClassifier]
+    build: Callable[[], MnistClassifier]
     images: bool
-    callbacks: Callable[[], list[pl.Callback]] = _monitor_only
+    callbacks: Callable[[], list[pl.Callback]] = _no_callbacks
+
+
+def _dropout_dashboard() -> list[pl.Callback]:
+    return [
+        DropRateMonitor(),
+        CoActivationMonitor(sites=["net.drop1", "net.drop2"], every_n_steps=16, max_units=64),
+    ]
+
+
+def _scheduled() -> list[pl.Callback]:
+    # Curriculum dropout (Morerio et al., ICCV 2017): the rates rise linearly from 0 over
+    # the first quarter of training, then hold at Srivastava et al.'s 0.2 and 0.5.
+    ramp: dict[str, schedules.Schedule] = {
+        "net.drop_in": schedules.Linear(0.0, INPUT_P, steps=RAMP),
+        "net.drop?": schedules.Linear(0.0, HIDDEN_P, steps=RAMP),
+    }
+    return [DropoutScheduler(ramp), *_dropout_dashboard()]
 
 
 def classifiers(config: DemoConfig) -> list[Classifier]:
     """The compared classifiers. Models and callbacks are built per run, after seeding, so
     every run depends only on its seed."""
-
-    def scheduled() -> list[pl.Callback]:
-        # Dropout switched on gradually: from 0 to 0.5 over the first 30% of training
-        # (a curriculum in the spirit of Morerio et al. 2017), then held.
-        return [DropoutScheduler(schedules.Linear(0.0, MLP_P, steps=0.3)), _coactivation(), DropRateMonitor()]
-
-    return [
-        Classifier("mlp_no_dropout", lambda: DigitsMLP(width=config.width, p=0.0), False),
-        Classifier("mlp_scheduled_dropout", lambda: DigitsMLP(width=config.width, p=MLP_P), False, scheduled),
-        Classifier("cnn_no_dropout", lambda: DigitsCNN(p=0.0), True),
-        Classifier(
-            "cnn_element_dropout",
-            lambda: DigitsCNN(p=CNN_P, dropout="element"),
-            True,
-            lambda: [_coactivation(), DropRateMonitor()],
-        ),
-        Classifier(
-            "cnn_spatial_dropout",
-            lambda: DigitsCNN(p=CNN_P, dropout="spatial"),
-            True,
-            lambda: [_coactivation(), ChannelDropMonitor(), DropRateMonitor()],
-        ),
+    runs = [
+        Classifier("mlp_no_dropout", MnistMLP, False),
+        Classifier("mlp_dropout", lambda: MnistMLP(INPUT_P, HIDDEN_P), False, _dropout_dashboard),
+        Classifier("mlp_scheduled_dropout", lambda: MnistMLP(INPUT_P, HIDDEN_P), False, _scheduled),
     ]
+    if config.cnn:
+        runs += [
+            Classifier("cnn_no_dropout", MnistCNN, True),
+            Classifier(
+                "cnn_element_dropout", lambda: MnistCNN(CNN_P, "element"), True, lambda: [DropRateMonitor()]
+            ),
+            Classifier(
+                "cnn_spatial_dropout",
+                lambda: MnistCNN(CNN_P, "spatial"),
+                True,
+                lambda: [DropRateMonitor(), ChannelDropMonitor()],
+            ),
+        ]
+    return runs

@@ -1,17 +1,24 @@
-"""Pictures drawn with Pillow alone: feature grids (Figure 7) and histograms (Figure 8)."""
+"""The demo's pictures: feature grids (Figure 7, Pillow), activation histograms (Figure 8)
+and test-NLL curves (matplotlib, which comes with the demo extra)."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from lightning_dropout.demo.autoencoder import AutoencoderResult
+
 BACKGROUND = 255
 INK = 0
-BAR = (70, 110, 170)
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
@@ -35,6 +42,8 @@ def feature_grid(
     Example:
         >>> feature_grid(torch.randn(256, 64)).size
         (546, 546)
+        >>> feature_grid(torch.randn(100, 784), side=28, zoom=2).size
+        (582, 582)
     """
     units = weight.shape[0]
     columns = math.ceil(math.sqrt(units))
@@ -76,91 +85,69 @@ def titled_row(images: Sequence[Image.Image], titles: Sequence[str], size: int =
     return canvas
 
 
-def _nice_step(span: float, ticks: int) -> float:
-    raw = span / max(ticks, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    return next(power * m for m in (1, 2, 2.5, 5, 10) if power * m >= raw)
+def _png(figure: Figure) -> Image.Image:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB")
 
 
-def histogram(
-    values: Tensor,
-    title: str,
-    xlabel: str,
-    bins: int = 30,
-    value_range: tuple[float, float] | None = None,
-    size: tuple[int, int] = (480, 320),
-) -> Image.Image:
-    """A bar histogram of ``values`` with axes, ticks, a title and the mean marked.
+def activation_histograms(results: Sequence[AutoencoderResult], titles: Sequence[str]) -> Image.Image:
+    """Figure 8: per autoencoder (a row each), the histogram of its units' mean activations
+    and of all its activations on held-out digits, on shared axes, the mean marked.
+
+    Example:
+        >>> from lightning_dropout.demo import MnistAutoencoder
+        >>> from lightning_dropout.demo.autoencoder import measure_autoencoder
+        >>> result = measure_autoencoder("ae", 0, MnistAutoencoder(hidden=8), torch.rand(20, 784))
+        >>> activation_histograms([result], ["no dropout"]).size
+        (1000, 360)
+    """
+    figure = Figure(figsize=(10, 3.6 * len(results)), dpi=100, layout="constrained")
+    axes = figure.subplots(len(results), 2, squeeze=False)
+    top_mean = max(float(r.mean_activations.max()) for r in results) or 1.0
+    top_act = max(float(r.activations.max()) for r in results) or 1.0
+    for row, (result, title) in zip(axes, zip(results, titles, strict=True), strict=True):
+        panels = (
+            (result.mean_activations, top_mean, "mean activation of each unit", "units"),
+            (result.activations, top_act, "activation (every unit, every digit)", "count"),
+        )
+        for axis, (values, top, xlabel, ylabel) in zip(row, panels, strict=True):
+            axis.hist(values.numpy(), bins=40, range=(0.0, top), color="#4a6fa5")
+            mean = float(values.mean())
+            axis.axvline(mean, color="#c0392b", linewidth=2)
+            axis.text(
+                mean,
+                0.95,
+                f" mean {mean:.2f}",
+                color="#c0392b",
+                transform=axis.get_xaxis_transform(),
+                va="top",
+            )
+            axis.set(title=f"{title}: {xlabel.split(' (')[0]}", xlabel=xlabel, ylabel=ylabel)
+    return _png(figure)
+
+
+def nll_curves(curves: dict[str, list[list[float]]]) -> Image.Image:
+    """Test NLL over epochs: one colour per model, a thin line per seed and a thick mean.
 
     Args:
-        values: the numbers to count (any shape).
-        title: drawn above the plot.
-        xlabel: drawn under the x axis.
-        bins: number of equal-width bins.
-        value_range: the x range; default the values' own range.
-        size: width and height in pixels.
+        curves: model name -> one curve (a value per epoch) per seed.
 
     Example:
-        >>> histogram(torch.rand(100), "uniform", "value").size
-        (480, 320)
+        >>> nll_curves({"a": [[1.0, 0.5], [0.9, 0.6]], "b": [[1.1, 0.4]]}).size
+        (900, 500)
     """
-    data = values.detach().flatten().double().cpu()
-    low, high = value_range if value_range is not None else (float(data.min()), float(data.max()))
-    if high <= low:
-        high = low + 1.0
-    counts = torch.histc(data.clamp(low, high), bins=bins, min=low, max=high)
-    width, height = size
-    left, right, top, bottom = 64, 20, 40, 52
-    plot_w, plot_h = width - left - right, height - top - bottom
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    small, label = font(12), font(14)
-    draw.text((width / 2, 16), title, fill="black", font=label, anchor="mm")
-    peak = float(counts.max()) or 1.0
-    y_step = _nice_step(peak, 4)
-    y_top = math.ceil(peak / y_step) * y_step
-
-    def x_at(value: float) -> float:
-        return left + (value - low) / (high - low) * plot_w
-
-    def y_at(count: float) -> float:
-        return top + plot_h - count / y_top * plot_h
-
-    bar = plot_w / bins
-    for i, count in enumerate(counts.tolist()):
-        if count > 0:
-            draw.rectangle([left + i * bar, y_at(count), left + (i + 1) * bar - 1, top + plot_h], fill=BAR)
-    draw.line([left, top, left, top + plot_h, left + plot_w, top + plot_h], fill="black")
-    y = 0.0
-    while y <= y_top + 1e-9:
-        draw.line([left - 4, y_at(y), left, y_at(y)], fill="black")
-        draw.text((left - 6, y_at(y)), f"{y:g}", fill="black", font=small, anchor="rm")
-        y += y_step
-    x_step = _nice_step(high - low, 5)
-    x = math.ceil(low / x_step) * x_step
-    while x <= high + 1e-9:
-        draw.line([x_at(x), top + plot_h, x_at(x), top + plot_h + 4], fill="black")
-        draw.text((x_at(x), top + plot_h + 6), f"{x:g}", fill="black", font=small, anchor="ma")
-        x += x_step
-    draw.text((left + plot_w / 2, height - 12), xlabel, fill="black", font=label, anchor="mm")
-    draw.text((left, top - 6), "count", fill="black", font=small, anchor="rb")
-    mean = float(data.mean())
-    if low <= mean <= high:
-        draw.line([x_at(mean), top, x_at(mean), top + plot_h], fill=(200, 40, 40), width=2)
-        draw.text((x_at(mean) + 4, top + 2), f"mean {mean:.2f}", fill=(200, 40, 40), font=small, anchor="la")
-    return canvas
-
-
-def grid_of(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    """Equal-sized ``images`` tiled row by row on white.
-
-    Example:
-        >>> grid_of([Image.new("RGB", (10, 5))] * 4, columns=2).size
-        (20, 10)
-    """
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    canvas = Image.new("RGB", (width * columns, height * rows), "white")
-    for i, image in enumerate(images):
-        canvas.paste(image, ((i % columns) * width, (i // columns) * height))
-    return canvas
+    figure = Figure(figsize=(9, 5), dpi=100, layout="constrained")
+    axis = figure.subplots()
+    for index, (name, seeds) in enumerate(curves.items()):
+        colour = f"C{index}"
+        for curve in seeds:
+            axis.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.3, linewidth=0.8)
+        mean = torch.tensor(seeds).mean(0)
+        axis.plot(range(1, len(mean) + 1), mean.numpy(), color=colour, linewidth=2.5, label=f"{name} (mean)")
+    axis.set(xlabel="epoch", ylabel="test NLL (nats)", title="Test NLL over training, each seed and the mean")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _png(figure)

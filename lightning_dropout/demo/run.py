@@ -15,17 +15,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_dropout.demo.autoencoder import (
     AutoencoderResult,
-    DigitsAutoencoder,
     FigureLogger,
+    MnistAutoencoder,
     measure_autoencoder,
 )
-from lightning_dropout.demo.data import DigitsDataModule
+from lightning_dropout.demo.data import MnistDataModule
 from lightning_dropout.demo.experiments import DemoConfig, classifiers
-from lightning_dropout.demo.measure import RunResult, measure_classifier
+from lightning_dropout.demo.measure import ClassifierRun, EpochCurves
 
 AUTOENCODERS = (("autoencoder_no_dropout", 0.0), ("autoencoder_dropout", 0.5))
-AUTOENCODER_SPLIT = {"train_size": 1297, "val_size": 250}  # the other 250 digits are held out
-CLASSIFIER_VAL_SIZE = 200
+AUTOENCODER_HELD_OUT = 1000
+AUTOENCODER_BATCH = 64
+CLASSIFIER_BATCH = 128
 
 
 @dataclass
@@ -34,7 +35,7 @@ class DemoResult:
 
     config: DemoConfig
     autoencoders: list[AutoencoderResult]
-    runs: list[RunResult]
+    runs: list[ClassifierRun]
     fit_seconds: float
 
 
@@ -49,6 +50,8 @@ def quiet_lightning() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            # Small --train-size runs have fewer batches than the logging interval.
+            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
             # Lightning 2.6 calls a deprecated torch pytree API on every fit.
             warnings.filterwarnings("ignore", message=r".*isinstance.treespec, LeafSpec.*")
             yield
@@ -69,25 +72,19 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def _trainer(
-    config: DemoConfig,
-    name: str,
-    seed: int,
-    epochs: int,
-    callbacks: list[pl.Callback],
-    log_every_n_steps: int = 50,
-    check_val_every_n_epoch: int = 1,
+    config: DemoConfig, name: str, seed: int, epochs: int, callbacks: list[pl.Callback]
 ) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         accelerator=config.accelerator,
         devices=config.devices,
-        logger=TensorBoardLogger(config.out, name=name, version=f"seed{seed}"),
+        logger=TensorBoardLogger(config.out, name=name, version=f"seed{seed}", default_hp_metric=False),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        log_every_n_steps=log_every_n_steps,
-        check_val_every_n_epoch=check_val_every_n_epoch,
+        num_sanity_val_steps=0,
+        log_every_n_steps=16,
     )
 
 
@@ -95,61 +92,59 @@ def run_demo(config: DemoConfig, progress: Callable[[str], None] = print) -> Dem
     """Train and measure the autoencoders (seed ``config.seed``) and every classifier over
     ``config.seed_list``; ``progress`` receives one line per run. Printing the tables and
     writing the files are the caller's (:func:`lightning_dropout.demo.write_outputs`)."""
-    total = len(AUTOENCODERS) + len(classifiers(config)) * config.seeds
+    specs = classifiers(config)
+    total = len(AUTOENCODERS) + len(specs) * config.seeds
     done = 0
-    fit_seconds = 0.0
     result = DemoResult(config, [], [], 0.0)
 
-    def fit(trainer: pl.Trainer, model: pl.LightningModule, data: DigitsDataModule) -> float:
-        nonlocal done, fit_seconds
+    def fit(trainer: pl.Trainer, model: pl.LightningModule, data: MnistDataModule) -> float:
+        nonlocal done
         started = time.perf_counter()
         trainer.fit(model, datamodule=data)
         seconds = time.perf_counter() - started
         done += 1
-        fit_seconds += seconds
+        result.fit_seconds += seconds
         return seconds
 
     with quiet_lightning(), torch_threads(config.threads):
         for name, p in AUTOENCODERS:
             pl.seed_everything(config.seed, verbose=False)
-            autoencoder = DigitsAutoencoder(p=p)
-            data = DigitsDataModule(batch_size=128, seed=config.seed, flatten=True, **AUTOENCODER_SPLIT)
-            data.setup("fit")
-            held_out = data.splits["test"].tensors[0]
-            epochs = config.autoencoder_epochs
-            callbacks: list[pl.Callback] = [FigureLogger(data.splits["val"].tensors[0], every_n_epochs=25)]
-            trainer = _trainer(
-                config, name, config.seed, epochs, callbacks, log_every_n_steps=10, check_val_every_n_epoch=25
+            autoencoder = MnistAutoencoder(p=p)
+            data = MnistDataModule(
+                config.autoencoder_digits, AUTOENCODER_HELD_OUT, AUTOENCODER_BATCH, seed=config.seed
             )
+            data.setup("fit")
+            held_out = data.test.tensors[0]
+            epochs = config.autoencoder_epochs
+            trainer = _trainer(config, name, config.seed, epochs, [FigureLogger(held_out)])
             seconds = fit(trainer, autoencoder, data)
             if trainer.is_global_zero:
                 measured = measure_autoencoder(name, config.seed, autoencoder, held_out)
                 result.autoencoders.append(measured)
                 progress(
-                    f"[{done:>2}/{total}] {name:<22} seed {config.seed:<3} {epochs:>4} epochs "
-                    f"{seconds:6.1f} s   held-out BCE {measured.test_loss:.4f}, mean activation "
-                    f"{float(measured.mean_activation.mean()):.3f}"
+                    f"[{done:>2}/{total}] {name:<22} seed {config.seed:<3} {epochs:>3} epochs "
+                    f"{seconds:5.1f} s held-out BCE {measured.test_bce:5.1f}, "
+                    f"mean activation {measured.mean_activation:.2f}, "
+                    f"smoothness {measured.decoder_smoothness:.2f}"
                 )
         for seed in config.seed_list:
-            for spec in classifiers(config):
+            for spec in specs:
                 pl.seed_everything(seed, verbose=False)
                 model = spec.build()
-                data = DigitsDataModule(
-                    seed=seed,
-                    flatten=not spec.images,
-                    train_size=config.train_size,
-                    val_size=CLASSIFIER_VAL_SIZE,
+                data = MnistDataModule(
+                    config.train_size, config.test_size, CLASSIFIER_BATCH, seed=seed, flatten=not spec.images
                 )
-                trainer = _trainer(
-                    config, spec.name, seed, config.max_epochs, spec.callbacks(), log_every_n_steps=5
-                )
+                data.setup("fit")
+                run = ClassifierRun(spec.name, seed)
+                (train_x, train_y), (test_x, test_y) = data.train.tensors, data.test.tensors
+                curves = EpochCurves(run, (train_x, train_y), (test_x, test_y))
+                trainer = _trainer(config, spec.name, seed, config.max_epochs, [*spec.callbacks(), curves])
                 seconds = fit(trainer, model, data)
                 if trainer.is_global_zero:
-                    run = measure_classifier(spec.name, seed, model, data)
                     result.runs.append(run)
                     progress(
-                        f"[{done:>2}/{total}] {spec.name:<22} seed {seed:<3} {config.max_epochs:>4} epochs "
-                        f"{seconds:6.1f} s   test error {run.test_error:.3f}, test NLL {run.test_nll:.3f}"
+                        f"[{done:>2}/{total}] {spec.name:<22} seed {seed:<3} {config.max_epochs:>3} epochs "
+                        f"{seconds:5.1f} s test error {run.test_error:.3f}, test NLL {run.test_nll_last:.3f} "
+                        f"(best {run.test_nll_best:.3f} at epoch {run.best_epoch})"
                     )
-    result.fit_seconds = fit_seconds
     return result

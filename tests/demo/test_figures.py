@@ -1,4 +1,4 @@
-"""The demo's pictures, drawn with Pillow: feature grids and histograms."""
+"""The demo's pictures: feature grids (Pillow), activation histograms and NLL curves (matplotlib)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import numpy
 import torch
 from PIL import Image
 
-from lightning_dropout.demo.figures import feature_grid, grid_of, histogram, titled_row
+from lightning_dropout.demo import MnistAutoencoder
+from lightning_dropout.demo.autoencoder import measure_autoencoder
+from lightning_dropout.demo.figures import activation_histograms, feature_grid, nll_curves, titled_row
 
 
 def test_feature_grid_scales_each_tile_by_its_own_largest_weight() -> None:
@@ -20,28 +22,29 @@ def test_feature_grid_scales_each_tile_by_its_own_largest_weight() -> None:
     assert pixels[0, :].tolist() == [255] * pixels.shape[1]  # gaps are white
 
 
-def test_feature_grid_leaves_dead_units_blank() -> None:
-    weight = torch.randn(4, 64)
-    pixels = numpy.asarray(feature_grid(weight, alive=torch.tensor([True, False, True, True]), zoom=1, gap=1))
-    assert (pixels[1:9, 10:18] == 255).all()
-    assert not (pixels[1:9, 1:9] == 255).all()
+def test_feature_grid_draws_28x28_tiles_and_leaves_dead_units_blank() -> None:
+    weight = torch.randn(4, 784)
+    pixels = numpy.asarray(
+        feature_grid(weight, alive=torch.tensor([True, False, True, True]), side=28, zoom=1, gap=1)
+    )
+    assert pixels.shape == (2 * 29 + 1, 2 * 29 + 1)
+    assert (pixels[1:29, 30:58] == 255).all()
+    assert not (pixels[1:29, 1:29] == 255).all()
 
 
-def test_histogram_draws_a_bar_per_occupied_bin() -> None:
-    values = torch.cat([torch.zeros(90), torch.ones(10)])
-    image = histogram(values, "title", "x", bins=2, value_range=(0.0, 1.0), size=(300, 200))
-    pixels = numpy.asarray(image)
-    bar = numpy.array([70, 110, 170])
-    columns = (pixels == bar).all(axis=2).any(axis=0)
-    heights = (pixels == bar).all(axis=2).sum(axis=0)
-    assert columns.sum() > 0
-    # The bar of the 90 zeros is nine times as tall as the bar of the 10 ones.
-    tall, short = heights[: 64 + 108].max(), heights[64 + 108 :].max()
-    assert abs(tall / short - 9) < 0.5
-
-
-def test_panels_are_laid_out_side_by_side_and_in_a_grid() -> None:
-    tiles = [Image.new("L", (40, 30)), Image.new("L", (60, 50))]
-    row = titled_row(tiles, ["a", "b"])
+def test_panels_are_laid_out_side_by_side() -> None:
+    row = titled_row([Image.new("L", (40, 30)), Image.new("L", (60, 50))], ["a", "b"])
     assert row.width == 40 + 60 + 3 * 16 and row.height > 50
-    assert grid_of([Image.new("RGB", (10, 5))] * 3, columns=2).size == (20, 10)
+
+
+def test_activation_histograms_have_a_row_per_autoencoder() -> None:
+    model = MnistAutoencoder(hidden=16)
+    results = [measure_autoencoder(name, 0, model, torch.rand(20, 784)) for name in ("a", "b")]
+    assert activation_histograms(results, ["no dropout", "dropout"]).size == (1000, 720)
+
+
+def test_nll_curves_draw_each_model_in_its_own_colour() -> None:
+    image = numpy.asarray(nll_curves({"a": [[2.0, 1.0, 0.5]], "b": [[2.0, 1.5, 1.2], [1.9, 1.4, 1.1]]}))
+    blue, orange = numpy.array([31, 119, 180]), numpy.array([255, 127, 14])  # matplotlib's C0, C1
+    assert (numpy.abs(image - blue).sum(axis=2) < 30).sum() > 100
+    assert (numpy.abs(image - orange).sum(axis=2) < 30).sum() > 100
