@@ -280,7 +280,7 @@ def test_numba_switch_and_compile_failure_fall_back_to_torch_ops(monkeypatch: py
         y = kernels.drop_elements(torch.ones(10_000, requires_grad=True), 0.5)
         assert set(y.unique().tolist()) == {0.0, 2.0}
         assert kernels.group_masked_linear(torch.ones(2, 1, 3), torch.ones(4, 3), 0.5, [1]) is None
-        if pytest.importorskip("numba"):
+        if _numba_imports():
             from lightning_dropout.kernels import _numba
 
             _cpu.numba_kernels.cache_clear()
