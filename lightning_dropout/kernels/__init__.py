@@ -1,17 +1,19 @@
-"""Fast paths for the layers' training-mode work, chosen per tensor: one dispatch per rule.
+"""The layers' fast paths, chosen per tensor: internal to the package, one dispatch per rule.
 
-The layers call only the functions below; each picks the fastest implementation that
-exists for the input and falls back to :mod:`.reference`, the exact PyTorch definition.
-Every implementation draws from torch's generators, so ``torch.manual_seed`` reproduces
-masks whichever path runs. Nothing here validates arguments: the layers do.
+Users call the functional forms of :mod:`lightning_dropout.layers`; those call the
+functions below, and each picks the fastest implementation that exists for the input,
+falling back to :mod:`.reference`, the exact PyTorch definition. Every implementation
+draws from torch's generators, so ``torch.manual_seed`` reproduces masks whichever path
+runs. Nothing here validates arguments: the layers do.
 
 ``p`` is a float in (0, 1) (eager layers; 0 and 1 have exact outputs that the layers
 return themselves) or a 0-d tensor in [0, 1] (compiled layers: never read on the host, so
 a new value recompiles nothing). CUDA tensors (fp32, bf16, fp16) go to the Triton kernels
 of :mod:`.triton_dropout` when Triton imports, with either kind of p, unless the call is
-in place: they keep no mask for backward. Large CPU tensors with a float p go to
-:mod:`.cpu` (exact Bernoulli masks from torch's generator, applied in one pass). The rest
-takes the reference path.
+in place: they keep no mask for backward. CPU float32 / float64 tensors with a float p go
+to the numba kernels of :mod:`._cpu` from the sizes at which they beat torch ops
+(``CPU_MIN_NUMEL*``, measured by ``python -m benchmarks.sizes``). The rest takes the
+reference path, torch ops only.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lightning_dropout.kernels import cpu, reference
+from lightning_dropout.kernels import _cpu, reference
 
 __all__ = [
-    "channel_dropout",
-    "dropout",
+    "drop_channels",
+    "drop_elements",
     "fast_drop_connect_linear",
     "fits_group_masked_linear",
-    "gaussian_dropout",
+    "gaussian_noise",
     "group_masked_linear",
     "group_masked_weights",
 ]
@@ -61,37 +63,36 @@ def _fits_triton(x: Tensor) -> bool:
     return x.device.type in TRITON_DEVICES and x.dtype in TRITON_DTYPES
 
 
-# From these many elements the CPU path beats the reference path: below them its fixed
-# cost (about 60 us a forward + backward, for the keys, the job and an autograd Function
-# in Python) exceeds what it saves. Measured on 2 cores (docs/performance.md): dropout at
-# 1024 elements 61 vs 61 us, 2048 61 vs 78; channels at 8192 71 vs 73, 32768 92 vs 160;
-# Gaussian at 16384 78 vs 93.
-CPU_MIN_NUMEL = 1024
-CPU_MIN_NUMEL_CHANNELS = 8192
-CPU_MIN_NUMEL_GAUSSIAN = 16384
+# From these many elements the numba kernels beat torch ops, forward + backward (by
+# ``python -m benchmarks.sizes``; benchmarks/results/sizes.md): below them a kernel call's
+# fixed cost (an autograd Function, a key, array views: some 50 us on 2 cores) exceeds what
+# it saves. The Gaussian pass saves only the arithmetic passes after torch's ``randn``.
+CPU_MIN_NUMEL = 1 << 14
+CPU_MIN_NUMEL_CHANNELS = 1 << 20
+CPU_MIN_NUMEL_GAUSSIAN = 1 << 20
 
 
-def _cpu_fast(x: Tensor, min_numel: int) -> bool:
-    return x.device.type == "cpu" and x.numel() >= min_numel
+def _cpu_fast(x: Tensor, p: float | Tensor, min_numel: int) -> bool:
+    return not isinstance(p, Tensor) and x.numel() >= min_numel and _cpu.fits(x)
 
 
-def dropout(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
+def drop_elements(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
     """Keep each element with probability ``1 - p``; kept ones are scaled by ``1 / (1 - p)``
     (``inverted``) or left as they are.
 
     Example:
-        >>> y = dropout(torch.ones(3, 5), torch.tensor(0.75))
+        >>> y = drop_elements(torch.ones(3, 5), torch.tensor(0.75))
         >>> bool(((y == 0) | (y == 4)).all())
         True
     """
     return _bernoulli(x, p, inverted, inplace, channels=False)
 
 
-def channel_dropout(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
+def drop_channels(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
     """Keep each (sample, channel) of a batched (N, C, *spatial) input w.p. ``1 - p``.
 
     Example:
-        >>> y = channel_dropout(torch.ones(2, 3, 4), 0.5)
+        >>> y = drop_channels(torch.ones(2, 3, 4), 0.5)
         >>> bool((y.amax(dim=2) == y.amin(dim=2)).all())
         True
     """
@@ -102,18 +103,18 @@ def _bernoulli(x: Tensor, p: float | Tensor, inverted: bool, inplace: bool, chan
     if triton_kernels is not None and not inplace and _fits_triton(x):
         on_triton = triton_kernels.channel_dropout if channels else triton_kernels.dropout
         return on_triton(x, p, inverted)
-    if not isinstance(p, Tensor) and _cpu_fast(x, CPU_MIN_NUMEL_CHANNELS if channels else CPU_MIN_NUMEL):
-        on_cpu = cpu.channel_dropout if channels else cpu.dropout
-        return on_cpu(x, p, reference.keep_scale(p, inverted), inplace)
+    if _cpu_fast(x, p, CPU_MIN_NUMEL_CHANNELS if channels else CPU_MIN_NUMEL):
+        assert not isinstance(p, Tensor)
+        return _cpu.dropout(x, p, reference.keep_scale(p, inverted), channels, inplace)
     exact = reference.channel_dropout if channels else reference.dropout
     return exact(x, p, inverted, inplace)
 
 
-def gaussian_dropout(x: Tensor, p: float | Tensor) -> Tensor:
+def gaussian_noise(x: Tensor, p: float | Tensor) -> Tensor:
     """Multiply ``x`` elementwise by independent N(1, p / (1 - p)) noise; zeros at a tensor p = 1.
 
     Example:
-        >>> gaussian_dropout(torch.ones(3), torch.tensor(1.0)).tolist()
+        >>> gaussian_noise(torch.ones(3), torch.tensor(1.0)).tolist()
         [0.0, 0.0, 0.0]
     """
     if isinstance(p, Tensor):
@@ -123,23 +124,24 @@ def gaussian_dropout(x: Tensor, p: float | Tensor) -> Tensor:
         sigma = math.sqrt(p / (1.0 - p))
     if triton_kernels is not None and _fits_triton(x):
         return triton_kernels.gaussian_dropout(x, sigma)
-    if not isinstance(sigma, Tensor) and _cpu_fast(x, CPU_MIN_NUMEL_GAUSSIAN):
-        return cpu.gaussian_dropout(x, sigma)
+    if _cpu_fast(x, sigma, CPU_MIN_NUMEL_GAUSSIAN):
+        assert not isinstance(sigma, Tensor)
+        return _cpu.gaussian_dropout(x, sigma)
     return reference.gaussian_dropout(x, sigma)
 
 
 def group_masked_weights(weight: Tensor, groups: int, p: float, generator: torch.Generator) -> Tensor:
     """``groups`` independent DropConnect copies of ``weight`` (inverted scaling, ``0 < p < 1``),
     masks drawn from ``generator`` so that a checkpointed chunk can regenerate them."""
-    if weight.device.type == "cpu":
-        return cpu.group_masked_weights(weight, groups, p, generator)
+    if _cpu.fits(weight):
+        return _cpu.group_masked_weights(weight, groups, p, generator)
     return reference.group_masked_weights(weight, groups, p, generator)
 
 
 def fits_group_masked_linear(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`group_masked_linear` has a kernel for these tensors (it keeps one
     byte of mask a weight and group where :func:`group_masked_weights` keeps a weight)."""
-    return weight.device.type == "cpu" and cpu.fits_masked_linear(x, weight)
+    return _cpu.fits(x) and weight.dtype == x.dtype
 
 
 def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -> Tensor | None:
@@ -149,7 +151,7 @@ def group_masked_linear(x: Tensor, weight: Tensor, p: float, seeds: list[int]) -
     chunks, each masked as :func:`group_masked_weights` does from a generator seeded with
     the chunk's seed; backward draws the masks again."""
     if fits_group_masked_linear(x, weight):
-        return cpu.group_masked_linear(x, weight, p, seeds)
+        return _cpu.group_masked_linear(x, weight, p, seeds)
     return None
 
 

@@ -2,10 +2,10 @@
 
 ``p`` is a float in (0, 1) or a 0-d tensor in [0, 1] (compiled layers: a graph input that
 is never read on the host, so a new value recompiles nothing; ``p = 0`` keeps everything
-and ``p = 1`` drops everything without a branch on p). A float's masks are drawn with
-``bernoulli_`` from torch's global generator (the stream of the tensor's device), so
-``torch.manual_seed`` reproduces them; a tensor's are the comparison ``U >= p`` of uniform
-draws. Draws are made in float32 or wider whatever the input's dtype, so a bf16 or fp16
+and ``p = 1`` drops everything without a branch on p). Masks are the comparison ``U >= p`` of uniform
+draws from torch's global generator (the stream of the tensor's device), so
+``torch.manual_seed`` reproduces them, and out-of-place draws follow torch.func.vmap's
+``randomness`` contract. Draws are made in float32 or wider whatever the input's dtype, so a bf16 or fp16
 input is dropped at p itself, not at p rounded to its dtype. Dropped entries are produced
 with ``torch.where`` rather than a multiplication, so an infinite or NaN input in a dropped
 position still gives an exact 0 (and a 0 gradient).
@@ -56,10 +56,8 @@ def keep_scale(p: float | Tensor, inverted: bool = True) -> float | Tensor:
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float | Tensor, like: Tensor) -> Tensor:
     """A boolean tensor on ``like``'s device whose entries are True independently w.p. ``1 - p``."""
-    if isinstance(p, Tensor):
-        # rand is in [0, 1): p = 0 keeps everything, p = 1 nothing.
-        return torch.rand(shape, dtype=draw_dtype(like), device=like.device) >= p
-    return torch.empty(shape, device=like.device).bernoulli_(1.0 - p).bool()
+    # rand is in [0, 1): p = 0 keeps everything, p = 1 nothing.
+    return torch.rand(shape, dtype=draw_dtype(like), device=like.device) >= p
 
 
 def apply_mask(x: Tensor, mask: Tensor, scale: float | Tensor, inplace: bool = False) -> Tensor:

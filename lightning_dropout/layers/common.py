@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_dropout import kernels
 from lightning_dropout._validation import check_probability
 
 
@@ -88,19 +87,89 @@ def evaluation_output(x: Tensor, p: float | Tensor, inverted: bool, inplace: boo
     return x.mul_(1.0 - p) if inplace else x * (1.0 - p)
 
 
+def in_memory_order(x: Tensor) -> tuple[Tensor, list[int]] | None:
+    """``x`` permuted into a contiguous view of its memory (a channels_last input, say) and
+    the permutation that undoes it; None when ``x`` is contiguous or has gaps.
+
+    An elementwise op on the view and the permutation back give an output laid out as
+    ``x``, as torch's elementwise ops do.
+
+    Example:
+        >>> x = torch.ones(2, 3, 4, 5).to(memory_format=torch.channels_last)
+        >>> view, back = in_memory_order(x)
+        >>> view.is_contiguous(), view.permute(back).stride() == x.stride()
+        (True, True)
+    """
+    if transforms_active() or x.is_contiguous():  # vmap hides the batched layout
+        return None
+    strides = x.stride()
+    order = sorted(range(x.dim()), key=lambda d: -strides[d])
+    view = x.permute(order)
+    if not view.is_contiguous():
+        return None
+    return view, sorted(range(x.dim()), key=lambda d: order[d])
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running.
+
+    Inside one, tensors are wrapped: a host read (``.item()``) of a batched draw fails, and
+    saved-tensor hooks (activation checkpointing) are refused, so the layers draw with
+    torch's random ops, which follow vmap's ``randomness`` contract, and keep what backward
+    needs.
+    """
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def keep_scale(p: float | Tensor, inverted: bool = True) -> float | Tensor:
+    """The factor of kept entries: ``1 / (1 - p)`` (inverted) or 1; 0, not inf, at a tensor
+    ``p = 1`` (where nothing is kept), so that no NaN reaches a gradient.
+
+    Example:
+        >>> keep_scale(0.75), keep_scale(torch.tensor(1.0))
+        (4.0, tensor(0.))
+    """
+    if not inverted:
+        return 1.0
+    if isinstance(p, Tensor):
+        return torch.where(p < 1.0, 1.0 / (1.0 - p), 0.0)
+    return 1.0 / (1.0 - p)
+
+
+def keep_mask(shape: tuple[int, ...], p: float | Tensor, like: Tensor) -> Tensor:
+    """A bool tensor of ``shape`` on ``like``'s device, True independently w.p. ``1 - p``.
+
+    Drawn with ``torch.rand`` (in float32, or float64 for a float64 ``like``), so it is
+    right in every mode: under vmap it follows the ``randomness`` contract ("error" raises,
+    "different" draws per element, "same" once), it reads a tensor ``p`` without a host
+    sync (compiled graphs), and nothing of it depends on the grad mode.
+
+    Example:
+        >>> keep = keep_mask((2, 3), 0.0, torch.empty(0))
+        >>> keep.dtype, bool(keep.all())
+        (torch.bool, True)
+    """
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    # rand is in [0, 1): p = 0 keeps everything, p = 1 nothing.
+    return torch.rand(shape, dtype=dtype, device=like.device) >= p
+
+
 def scaled_keep_mask(
     shape: tuple[int, ...], p: float | Tensor, like: Tensor, inverted: bool = True
 ) -> Tensor:
     """A mask of ``shape`` in ``like``'s dtype and device: ``1 / (1 - p)`` (1 when not
     ``inverted``) with probability ``1 - p``, else 0, each entry independent.
 
-    For layers that draw a small mask and broadcast it over their input. A float ``p`` must
-    lie in (0, 1); a tensor ``p`` may be anything in [0, 1]. Drawn on the element path of
-    :mod:`lightning_dropout.kernels`.
+    For layers that draw a mask and broadcast it over their input (or multiply a weight by
+    it): drawn by :func:`keep_mask`, so right in every mode; a tensor ``p`` may be anything
+    in [0, 1].
 
     Example:
         >>> mask = scaled_keep_mask((2, 3), 0.5, torch.empty(0))
         >>> bool(((mask == 0) | (mask == 2)).all())
         True
     """
-    return kernels.dropout(torch.ones(shape, dtype=like.dtype, device=like.device), p, inverted)
+    scale = torch.as_tensor(keep_scale(p, inverted), dtype=like.dtype, device=like.device)
+    return torch.where(
+        keep_mask(shape, p, like), scale, torch.zeros((), dtype=like.dtype, device=like.device)
+    )

@@ -32,11 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_dropout import kernels
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
-from lightning_dropout.kernels.reference import keep_scale
 from lightning_dropout.layers.base import DropoutBase
-from lightning_dropout.layers.common import check_floating, check_p, exact_output, p_equals
+from lightning_dropout.layers.common import (
+    check_floating,
+    check_p,
+    exact_output,
+    keep_mask,
+    keep_scale,
+    p_equals,
+)
 
 NORMALIZATIONS = ("kept", "expected")
 
@@ -132,9 +137,8 @@ def drop_block_2d(
     gamma = seed_probability(p, block)
     if p_equals(gamma, 0.0):  # p so small that 1 - p rounds to 1
         return x
-    # Seeds drawn on the element path: -1 (no seed) with probability 1 - gamma, else 0.
-    minus_ones = torch.full(_seed_shape(x, block, share_channels), -1.0, dtype=x.dtype, device=x.device)
-    minus_no_seed = kernels.dropout(minus_ones, gamma, inverted=False)
+    # -1 (no seed) with probability 1 - gamma, else 0.
+    minus_no_seed = keep_mask(_seed_shape(x, block, share_channels), gamma, x).to(x.dtype).neg_()
     return x * _scaled_keep(_minus_keep(minus_no_seed, block), normalize, p)
 
 

@@ -6,27 +6,29 @@ AWD-LSTM's "weight drop", Merity et al. 2018). Layers with the masking built in,
 masks and Gaussian inference: :mod:`lightning_dropout.layers.drop_connect_layers`.
 
 The wrapped module keeps its real parameters: each training forward computes masked
-copies and runs the module with them through :func:`torch.func.functional_call`, so
-gradients reach the real parameters, the parameter count does not change, and cuDNN
-RNNs keep working. (The original AWD-LSTM WeightDrop deleted the parameter and
-re-assigned a plain tensor, which broke ``flatten_parameters`` and lost gradients.) The
-wrapper's state_dict has the wrapped module's own keys, so weights saved from the plain
-module load into the wrapped one and back.
+copies and runs the module with them (a Linear or convolution takes them as arguments;
+any other module through :func:`torch.func.functional_call`, one call at a time, since it
+swaps the parameters for the call), so gradients reach the real parameters, the parameter
+count does not change, and cuDNN RNNs keep working. (The original AWD-LSTM WeightDrop
+deleted the parameter and re-assigned a plain tensor, which broke ``flatten_parameters``
+and lost gradients.) The wrapper's state_dict has the wrapped module's own keys, so
+weights saved from the plain module load into the wrapped one and back.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_dropout import kernels
 from lightning_dropout.layers.base import WeightMaskLayer, keep_wrapped_state_dict_keys
-from lightning_dropout.layers.common import check_p, exact_output, p_equals
+from lightning_dropout.layers.common import check_p, exact_output, keep_mask, keep_scale, p_equals
 
 
 def drop_connect(weight: Tensor, p: float | Tensor = 0.5, training: bool = True) -> Tensor:
@@ -54,7 +56,27 @@ def drop_connect(weight: Tensor, p: float | Tensor = 0.5, training: bool = True)
         return weight
     if (exact := exact_output(weight, p)) is not None:
         return exact
-    return kernels.dropout(weight, p)
+    # torch ops, not the element kernels: a weight is shared by every element of a vmap,
+    # and the mask must be drawn per element there (randomness="different").
+    return torch.where(keep_mask(weight.shape, p, weight), weight * keep_scale(p), 0.0)
+
+
+_FUNCTIONAL_CALL = threading.Lock()
+
+
+def _direct_forward(module: nn.Module, masked: dict[str, Tensor]) -> Callable[[Tensor], Tensor] | None:
+    """The forward of a Linear or a convolution with the masked weights passed as arguments
+    (the module itself untouched), or None for any other module."""
+    if not set(masked) <= {"weight", "bias"}:
+        return None
+    weight = masked.get("weight", cast(Tensor, module.weight))
+    bias = masked.get("bias", cast(Tensor | None, module.bias))
+    if type(module) is nn.Linear:
+        return lambda x: F.linear(x, weight, bias)
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        conv = cast(nn.Conv2d, module)
+        return lambda x: conv._conv_forward(x, weight, bias)
+    return None
 
 
 class DropConnect(WeightMaskLayer, nn.Module):
@@ -117,7 +139,12 @@ class DropConnect(WeightMaskLayer, nn.Module):
     def _masked_call(self, p: float | Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         params = dict(self.module.named_parameters())
         masked = {n: drop_connect(params[n], p) for n in self.names}
-        with warnings.catch_warnings():
+        direct = _direct_forward(self.module, masked)
+        if direct is not None and len(args) == 1 and not kwargs:
+            return direct(args[0])
+        # functional_call swaps the module's parameters for the call: other threads calling
+        # (or reading) the module meanwhile would see the masked copies.
+        with _FUNCTIONAL_CALL, warnings.catch_warnings():
             # cuDNN RNNs warn on every call that masked weights are not one contiguous
             # chunk; that is inherent to weight masking and costs one copy, not an error.
             warnings.filterwarnings("ignore", message=".*contiguous chunk of memory.*")
@@ -126,7 +153,7 @@ class DropConnect(WeightMaskLayer, nn.Module):
     def _grouped_forward(self, p: float | Tensor, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self.module, nn.RNNBase) or not args or not isinstance(args[0], Tensor):
             raise NotImplementedError(
-                f"independent masks per group (mask_groups={self.mask_groups}) need a module "
+                f"DropConnect: independent masks per group (mask_groups={self.mask_groups}) need a module "
                 f"mapping one batch-first tensor to a tensor, not {type(self.module).__name__}; "
                 "use looped Monte-Carlo inference (batched=False) for this model"
             )

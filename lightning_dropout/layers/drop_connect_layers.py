@@ -32,7 +32,13 @@ from torch.utils.checkpoint import checkpoint
 from lightning_dropout import kernels
 from lightning_dropout._validation import check_bool, check_choice, check_positive_int
 from lightning_dropout.layers.base import WeightMaskLayer
-from lightning_dropout.layers.common import p_equals, zeros_like_connected
+from lightning_dropout.layers.common import (
+    keep_mask,
+    keep_scale,
+    p_equals,
+    transforms_active,
+    zeros_like_connected,
+)
 from lightning_dropout.layers.drop_connect import drop_connect
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -76,23 +82,32 @@ def _draw_seed() -> int:
 
 
 def _masked_group_product(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    p: float,
-    seed: int,
-    product: GroupedProduct,
+    x: Tensor, weight: Tensor, bias: Tensor | None, p: float | Tensor, product: GroupedProduct
 ) -> Tensor:
-    generator = torch.Generator(device=weight.device)
-    generator.manual_seed(seed)
-    return product(x, kernels.group_masked_weights(weight, x.shape[0], p, generator), bias)
+    keep = keep_mask((x.shape[0], *weight.shape), p, weight)
+    return product(x, torch.where(keep, weight * keep_scale(p), 0.0), bias)
+
+
+def _fits_masked_linear_kernel(x: Tensor, weight: Tensor, p: float | Tensor) -> bool:
+    """Whether the per-group masked-linear kernel computes this call as torch would.
+
+    Not under autocast (``nn.Linear`` computes in the autocast dtype there, the kernel in
+    the input's), not inside a torch.func transform (its masks come from seeds read on the
+    host) and not for a tensor ``p`` (compiled graphs).
+    """
+    return (
+        not isinstance(p, Tensor)
+        and not torch.is_autocast_enabled(x.device.type)
+        and not transforms_active()
+        and kernels.fits_group_masked_linear(x, weight)
+    )
 
 
 def grouped_drop_connect(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    p: float,
+    p: float | Tensor,
     groups: int,
     product: GroupedProduct,
     max_mask_bytes: int = DEFAULT_MAX_MASK_BYTES,
@@ -103,10 +118,12 @@ def grouped_drop_connect(
     The batch (dimension 0 of ``x``) is split into ``groups`` equal contiguous groups;
     ``groups == len(x)`` is per-sample DropConnect. Groups are processed in chunks whose
     masked weights take at most ``max_mask_bytes`` (at least one group per chunk); under
-    autograd each chunk is checkpointed, so backward regenerates its mask from a seed
-    rather than keeping every chunk's masked weights alive. ``linear``: ``product`` is
-    ``F.linear``'s, which a kernel may compute from a chunk's masks alone, never building
-    its masked weights.
+    autograd each chunk is checkpointed, so backward draws its masks again (from the
+    random state the chunk started from) rather than keeping every chunk's masked weights
+    alive. Inside a torch.func transform or a compiled graph, which refuse checkpoints,
+    the masked weights are kept. ``linear``: ``product`` is ``F.linear``'s, which a kernel
+    may compute from a chunk's masks alone, never building its masked weights. Every path
+    is differentiable to any order, and ``p`` may be a 0-d tensor (compiled layers).
 
     Raises:
         ValueError: the batch size is not a multiple of ``groups``.
@@ -118,23 +135,27 @@ def grouped_drop_connect(
         raise ValueError(f"batch size {batch} is not a multiple of mask groups {groups}")
     grouped = x.reshape(groups, batch // groups, *x.shape[1:])
     chunk = max(1, max_mask_bytes // max(1, weight.numel() * weight.element_size()))
-    if linear and kernels.fits_group_masked_linear(x, weight):
+    if linear and _fits_masked_linear_kernel(x, weight, p):
+        assert not isinstance(p, Tensor)
         # One call for every chunk: it draws each chunk's masks again in backward itself.
         seeds = [_draw_seed() for _ in range(0, groups, chunk)]
         out = kernels.group_masked_linear(grouped.reshape(groups, -1, x.shape[-1]), weight, p, seeds)
         assert out is not None
         out = out.reshape(*x.shape[:-1], weight.shape[0])
         return out if bias is None else out + bias
-    track = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    checkpointed = (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and not transforms_active()
+        and not torch.compiler.is_compiling()
+    )
     outputs = []
     for start in range(0, groups, chunk):
-        part = grouped[start : start + chunk]
-        args = (part, weight, bias, p, _draw_seed(), product)
-        if track:
-            out = checkpoint(_masked_group_product, *args, use_reentrant=False, preserve_rng_state=False)
+        args = (grouped[start : start + chunk], weight, bias, p, product)
+        if checkpointed:
+            outputs.append(checkpoint(_masked_group_product, *args, use_reentrant=False))
         else:
-            out = _masked_group_product(*args)
-        outputs.append(out)
+            outputs.append(_masked_group_product(*args))
     result = torch.cat(outputs)
     return result.reshape(batch, *result.shape[2:])
 
@@ -213,16 +234,15 @@ class DropConnectLayer(WeightMaskLayer):
             fused = self._fused_grouped_product(x, p)
             if fused is not None:
                 return self._activation(fused)
-            p = self.p  # the chunks' masks are drawn from seeds on the host
         if p_equals(p, 0.0):
             return self._activation(self._product(x, self.weight, self.bias))
         if p_equals(p, 1.0):
             return self._all_dropped(x)
         if grouped:
-            return self._activation(self._grouped(x, self.p))
+            return self._activation(self._grouped(x, p))
         return self._activation(self._product(x, drop_connect(self.weight, p), self.bias))
 
-    def _grouped(self, x: Tensor, p: float) -> Tensor:
+    def _grouped(self, x: Tensor, p: float | Tensor) -> Tensor:
         unbatched = self.per_sample and x.dim() == self._unbatched_dims()
         if unbatched:
             x = x.unsqueeze(0)
@@ -231,7 +251,18 @@ class DropConnectLayer(WeightMaskLayer):
         out = grouped_drop_connect(
             x, self.weight, self.bias, p, groups, self._grouped_product, self.max_mask_bytes, linear
         )
-        return out.squeeze(0) if unbatched else out
+        if unbatched:
+            return out.squeeze(0)
+        # as torch's layers do: a channels_last input gives a channels_last output
+        memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        if (
+            memory_format is not None
+            and not transforms_active()  # vmap hides the batched layout
+            and x.is_contiguous(memory_format=memory_format)
+            and not x.is_contiguous()
+        ):
+            return out.contiguous(memory_format=memory_format)
+        return out
 
     def _all_dropped(self, x: Tensor) -> Tensor:
         # Every weight dropped: the output is the bias alone, exactly, with zero gradients,

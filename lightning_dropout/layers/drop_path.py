@@ -26,6 +26,7 @@ from lightning_dropout.layers.common import (
     evaluation_output,
     exact_output,
     scaled_keep_mask,
+    transforms_active,
 )
 
 
@@ -82,6 +83,8 @@ def drop_path_residual(
     That saves about a fraction ``p`` of the branch's forward and backward, at the price
     of a gather and a scatter, and of reading the number of kept samples on the host (one
     synchronisation on a GPU; a data-dependent shape, so no graph under torch.compile).
+    Inside a torch.func transform, which cannot batch that shape, it computes
+    ``x + drop_path(branch(x), p)``.
 
     Args:
         x: the block's input, dim 0 the batch; ``branch(x)`` must have its shape.
@@ -113,6 +116,8 @@ def drop_path_residual(
         return x + branch(x)
     if p == 1.0:
         return x
+    if transforms_active():  # a vmap cannot batch the kept samples' data-dependent count
+        return x + drop_path(branch(x), p, training, inverted)
     scale = 1.0 / (1.0 - p) if inverted else 1.0
     kept = torch.nonzero(torch.rand(x.shape[0], device=x.device) >= p).squeeze(1)
     if kept.numel() == x.shape[0]:

@@ -9,7 +9,13 @@ from torch import Tensor
 from lightning_dropout import kernels
 from lightning_dropout._validation import check_bool
 from lightning_dropout.layers.base import DropoutBase
-from lightning_dropout.layers.common import check_floating, check_p, evaluation_output, exact_output
+from lightning_dropout.layers.common import (
+    check_floating,
+    check_p,
+    evaluation_output,
+    exact_output,
+    in_memory_order,
+)
 
 
 def dropout(
@@ -50,7 +56,11 @@ def dropout(
         return evaluation_output(x, p, inverted, inplace)
     if (exact := exact_output(x, p, inplace)) is not None:
         return exact
-    return kernels.dropout(x, p, inverted, inplace)
+    if not inplace and (memory_order := in_memory_order(x)) is not None:
+        # elements are independent: drop them in memory order, so the output keeps x's layout
+        view, back = memory_order
+        return kernels.drop_elements(view, p, inverted).permute(back)
+    return kernels.drop_elements(x, p, inverted, inplace)
 
 
 class Dropout(DropoutBase):

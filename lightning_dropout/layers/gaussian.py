@@ -40,7 +40,7 @@ def gaussian_dropout(x: Tensor, p: float | Tensor = 0.5, training: bool = True) 
         return x
     if (exact := exact_output(x, p)) is not None:
         return exact
-    return kernels.gaussian_dropout(x, p)
+    return kernels.gaussian_noise(x, p)
 
 
 class GaussianDropout(DropoutBase):

@@ -94,8 +94,8 @@ def channel_dropout(
     if (exact := exact_output(x, p, inplace)) is not None:
         return exact
     if is_batched:
-        return kernels.channel_dropout(x, p, inverted, inplace)
-    return kernels.channel_dropout(x.unsqueeze(0), p, inverted, inplace).squeeze(0)
+        return kernels.drop_channels(x, p, inverted, inplace)
+    return kernels.drop_channels(x.unsqueeze(0), p, inverted, inplace).squeeze(0)
 
 
 class ChannelDropout(DropoutBase):

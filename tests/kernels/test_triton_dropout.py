@@ -308,7 +308,7 @@ def test_compiled_layers_call_the_kernels_and_follow_p_without_recompiling(
     assert backend.graphs == 3  # one graph per layer
 
 
-def test_compiled_unbatched_channels_and_drop_connect_use_the_kernels(
+def test_compiled_unbatched_channels_use_the_kernels_and_drop_connect_compiles(
     kernels_on_cpu: None, recording_backend: RecordingBackend
 ) -> None:
     from lightning_dropout import DropConnectLinear
@@ -318,10 +318,9 @@ def test_compiled_unbatched_channels_and_drop_connect_use_the_kernels(
     out = unbatched(torch.ones(7, 3, 3))
     assert torch.equal(out, out[:, :1, :1].expand_as(out)) and set(out.unique().tolist()) <= {0.0, 2.0}
     assert "lightning_dropout.triton_channel_dropout.default" in names
-    names.clear()
+    # one-mask DropConnect masks its weight with torch ops (layers/drop_connect.py)
     layer = DropConnectLinear(64, 32, p=0.5, bias=False)
     out = torch.compile(layer, backend=backend)(torch.eye(64))
-    assert "lightning_dropout.triton_dropout.default" in names
     assert set(out.t().div(layer.weight.detach()).unique().tolist()) <= {0.0, 2.0}
 
 

@@ -78,7 +78,8 @@ def test_mask_groups_for_batch_first_modules_and_refusal_for_rnns() -> None:
     wrapped = DropConnect(nn.Linear(8, 16), p=0.5)
     wrapped.mask_groups = 2
     y = wrapped(torch.randn(1, 8).expand(4, 8))
-    assert torch.equal(y[0], y[1]) and not torch.equal(y[0], y[2])
+    assert torch.allclose(y[0], y[1], rtol=1e-5, atol=1e-6)  # up to rounding across matmul rows
+    assert not torch.allclose(y[0], y[2], rtol=1e-3)
     rnn = DropConnect(nn.LSTM(2, 2), names=("weight_hh_l0",))
     rnn.mask_groups = 2
     with pytest.raises(NotImplementedError, match="batched=False"):

@@ -18,7 +18,7 @@ from lightning_dropout import (
     DropConnectLinear,
     kernels,
 )
-from lightning_dropout.kernels import cpu
+from lightning_dropout.kernels import _cpu as cpu
 from lightning_dropout.layers import drop_connect
 
 
@@ -49,9 +49,10 @@ def test_is_a_drop_in_linear() -> None:
 def test_per_batch_mask_is_shared_and_per_sample_masks_differ() -> None:
     x = torch.randn(1, 16).expand(8, 16)
     shared = DropConnectLinear(16, 32, p=0.5)(x)
-    assert all(torch.equal(shared[0], row) for row in shared)
+    # equal up to rounding: BLAS may compute some rows of a matmul with other kernels
+    assert all(torch.allclose(shared[0], row, rtol=1e-5, atol=1e-6) for row in shared)
     own = DropConnectLinear(16, 32, p=0.5, per_sample=True)(x)
-    assert not any(torch.equal(own[0], row) for row in own[1:])
+    assert not any(torch.allclose(own[0], row, rtol=1e-3) for row in own[1:])
 
 
 def test_mask_groups_give_independent_masks_per_group() -> None:
@@ -59,8 +60,8 @@ def test_mask_groups_give_independent_masks_per_group() -> None:
     layer.mask_groups = 4
     y = layer(torch.randn(1, 16).expand(8, 16))
     groups = y.reshape(4, 2, 32)
-    assert all(torch.equal(g[0], g[1]) for g in groups)  # same mask inside a group
-    assert not torch.equal(groups[0, 0], groups[1, 0])  # new mask per group
+    assert all(torch.allclose(g[0], g[1], rtol=1e-5, atol=1e-6) for g in groups)  # one mask a group
+    assert not torch.allclose(groups[0, 0], groups[1, 0], rtol=1e-3)  # new mask per group
     with pytest.raises(ValueError, match="not a multiple"):
         layer(torch.randn(6, 16))
 
@@ -169,24 +170,32 @@ def test_per_sample_backward_regenerates_the_forward_masks(materialised: None) -
 def test_per_sample_linear_kernel_equals_masked_weights(
     monkeypatch: pytest.MonkeyPatch, p: float, shape: tuple[int, ...]
 ) -> None:
-    layer = DropConnectLinear(20, 7, p=p, per_sample=True, max_mask_bytes=6 * 20 * 7 * 8).double()
+    """The kernel's output and gradients are those of its masks (each chunk's, as
+    ``group_masked_weights`` draws them from the chunk's seed) multiplied out."""
+    if not kernels.fits_group_masked_linear(
+        torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    ):
+        pytest.skip("no kernel for per-sample linear masks here")
+    layer = DropConnectLinear(20, 7, p=p, per_sample=True, max_mask_bytes=3 * 20 * 7 * 8).double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(*shape[:-1], 7, dtype=torch.float64)
-    calls: list[int] = []
+    seeds: list[list[int]] = []
     original = kernels.group_masked_linear
-    monkeypatch.setattr(kernels, "group_masked_linear", lambda x, *a: calls.append(len(x)) or original(x, *a))
-    results = []
-    for _ in range(2):  # with the kernel, then multiplying masked weights
-        torch.manual_seed(8)
-        layer.zero_grad()
-        x.grad = None
-        y = layer(x)
-        y.backward(upstream)
-        results.append((y, x.grad, layer.weight.grad, layer.bias.grad))
-        monkeypatch.setattr(kernels, "fits_group_masked_linear", lambda *args: False)
-    assert calls == [6]
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(
+        kernels, "group_masked_linear", lambda x, w, p, s: seeds.append(s) or original(x, w, p, s)
+    )
+    y = layer(x)
+    y.backward(upstream)
+    assert len(seeds) == 1 and len(seeds[0]) == 2  # two chunks of three samples
+    weight = layer.weight.detach().clone().requires_grad_()
+    masked = torch.cat(
+        [kernels.group_masked_weights(weight, 3, p, torch.Generator().manual_seed(seed)) for seed in seeds[0]]
+    )
+    expected = torch.einsum("b...i,boi->b...o", x, masked) + layer.bias
+    torch.testing.assert_close(y, expected)
+    grad_x, grad_weight = torch.autograd.grad(expected, (x, weight), upstream)
+    torch.testing.assert_close(x.grad, grad_x)
+    torch.testing.assert_close(layer.weight.grad, grad_weight)
 
 
 def test_per_sample_linear_kernel_chunks_follow_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,8 +203,10 @@ def test_per_sample_linear_kernel_chunks_follow_the_budget(monkeypatch: pytest.M
         pytest.skip("no kernel for per-sample linear masks here")
     layer = DropConnectLinear(64, 32, per_sample=True, max_mask_bytes=5 * 64 * 32 * 4)  # 5 samples' weights
     sizes: list[int] = []
-    original = cpu.keep_mask
-    monkeypatch.setattr(cpu, "keep_mask", lambda n, *a: sizes.append(n // (64 * 32)) or original(n, *a))
+    original = cpu._chunks
+    monkeypatch.setattr(
+        cpu, "_chunks", lambda g, s: sizes.extend(c.stop - c.start for c in original(g, s)) or original(g, s)
+    )
     layer(torch.randn(12, 64, requires_grad=True)).sum().backward()
     assert sizes == [4, 4, 4] * 2  # 3 equal chunks within the budget; backward draws them again
 

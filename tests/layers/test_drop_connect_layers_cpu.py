@@ -8,8 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lightning_dropout import DropConnectLinear
-from lightning_dropout.kernels import cpu
+from lightning_dropout import DropConnectLinear, kernels
 
 SIGMAS = 5.0
 
@@ -31,7 +30,7 @@ def peak_allocated_mib(fn: Callable[[], None]) -> float:
 @pytest.mark.parametrize("p", [0.3, 0.5, 1e-3])
 def test_group_masks_keep_each_weight_with_probability_one_minus_p(p: float) -> None:
     generator = torch.Generator().manual_seed(0)
-    masked = cpu.group_masked_weights(torch.ones(64, 128), 32, p, generator)
+    masked = kernels.group_masked_weights(torch.ones(64, 128), 32, p, generator)
     assert masked.shape == (32, 64, 128)
     assert set(masked.unique().tolist()) <= {0.0, torch.tensor(1 / (1 - p)).item()}
     n = masked.numel()
@@ -46,7 +45,7 @@ def test_group_masks_gradient() -> None:
     weight = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
 
     def fn(w: torch.Tensor) -> torch.Tensor:
-        return cpu.group_masked_weights(w, 3, 0.4, torch.Generator().manual_seed(1))
+        return kernels.group_masked_weights(w, 3, 0.4, torch.Generator().manual_seed(1))
 
     assert torch.autograd.gradcheck(fn, (weight,))
     masked = fn(weight)

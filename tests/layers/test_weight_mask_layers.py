@@ -45,10 +45,12 @@ def test_independent_groups_and_one_mask_per_call_set_and_restore() -> None:
 def test_one_mask_per_call_gives_every_row_the_same_mask() -> None:
     layer = DropConnectLinear(64, 32, bias=False, per_sample=True)
     x = torch.ones(1, 64).expand(6, 64)
-    assert not torch.equal(layer(x)[0], layer(x)[1])  # per sample: rows differ
+    y = layer(x)
+    assert not torch.allclose(y[0], y[1], rtol=1e-3)  # per sample: rows differ
     with layer.one_mask_per_call():
         y = layer(x)
-    assert bool((y == y[:1]).all())
+    # equal rows up to rounding: BLAS may compute some rows of a matmul with other kernels
+    assert torch.allclose(y, y[:1].expand_as(y), rtol=1e-5, atol=1e-6)
 
 
 def test_layers_that_count_their_own_drops() -> None:
