@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_dropout import kernels
 from lightning_dropout.layers.base import WeightMaskLayer, keep_wrapped_state_dict_keys
-from lightning_dropout.layers.common import check_p, exact_output, keep_mask, keep_scale, p_equals
+from lightning_dropout.layers.common import check_p, exact_output, p_equals
 
 
 def drop_connect(weight: Tensor, p: float | Tensor = 0.5, training: bool = True) -> Tensor:
@@ -56,9 +57,9 @@ def drop_connect(weight: Tensor, p: float | Tensor = 0.5, training: bool = True)
         return weight
     if (exact := exact_output(weight, p)) is not None:
         return exact
-    # torch ops, not the element kernels: a weight is shared by every element of a vmap,
-    # and the mask must be drawn per element there (randomness="different").
-    return torch.where(keep_mask(weight.shape, p, weight), weight * keep_scale(p), 0.0)
+    # The element dispatch: its key is drawn outside its autograd Function, so under vmap a
+    # weight shared by every element still gets a mask per element (randomness="different").
+    return kernels.drop_elements(weight, p)
 
 
 _FUNCTIONAL_CALL = threading.Lock()
