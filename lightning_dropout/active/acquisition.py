@@ -39,7 +39,8 @@ def _check_probs(probs: Tensor) -> Tensor:
         raise TypeError(f"probs must be a tensor [S, N, C], got {type(probs).__name__}")
     if probs.dim() != 3 or probs.shape[0] < 1 or probs.shape[2] < 2:
         raise ValueError(
-            f"probs must be MC class probabilities [S, N, C] with S >= 1 and C >= 2, got shape {tuple(probs.shape)}"
+            "probs must be MC class probabilities [S, N, C] with S >= 1 and C >= 2, "
+            f"got shape {tuple(probs.shape)}"
         )
     if not probs.is_floating_point():
         raise TypeError(f"probs must be floating point, got {probs.dtype}")

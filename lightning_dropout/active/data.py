@@ -45,7 +45,8 @@ class ActiveDataModule(pl.LightningDataModule):
 
     Example:
         >>> from torch.utils.data import TensorDataset
-        >>> data = ActiveDataModule(TensorDataset(torch.randn(10, 3), torch.arange(10)), initial_labelled=[0, 5])
+        >>> dataset = TensorDataset(torch.randn(10, 3), torch.arange(10))
+        >>> data = ActiveDataModule(dataset, initial_labelled=[0, 5])
         >>> data.label(torch.tensor([7]))
         >>> data.labelled.tolist(), len(data.pool)
         ([0, 5, 7], 7)
@@ -86,8 +87,11 @@ class ActiveDataModule(pl.LightningDataModule):
                 raise ValueError(f"initial_labelled must be at most the {size} examples, got {count}")
             generator = torch.Generator().manual_seed(self.seed or 0)
             first = torch.randperm(size, generator=generator)[:count].tolist()
+        # Plain Python, not tensors: ddp_spawn hands tensors to the ranks in shared memory, and
+        # each rank labelling the same examples in one shared mask would see them taken.
+        self._size = size
         self._labelled: list[int] = []
-        self._is_labelled = torch.zeros(size, dtype=torch.bool)
+        self._is_labelled: set[int] = set()
         self.label(first)
 
     @property
@@ -98,7 +102,7 @@ class ActiveDataModule(pl.LightningDataModule):
     @property
     def pool(self) -> Tensor:
         """Indices into ``dataset`` of the unlabelled examples, ascending."""
-        return torch.nonzero(~self._is_labelled).flatten()
+        return torch.tensor([i for i in range(self._size) if i not in self._is_labelled], dtype=torch.long)
 
     def label(self, indices: Tensor | Sequence[int]) -> None:
         """Move the pool examples at these ``dataset`` indices into the labelled set.
@@ -107,13 +111,12 @@ class ActiveDataModule(pl.LightningDataModule):
             ValueError: an index is out of range, repeated, or already labelled.
         """
         new = [int(i) for i in indices]
-        size = len(self._is_labelled)
-        if any(not 0 <= i < size for i in new):
-            raise ValueError(f"indices must be in [0, {size}), got {new}")
-        if len(set(new)) != len(new) or bool(self._is_labelled[new].any()):
+        if any(not 0 <= i < self._size for i in new):
+            raise ValueError(f"indices must be in [0, {self._size}), got {new}")
+        if len(set(new)) != len(new) or not self._is_labelled.isdisjoint(new):
             raise ValueError(f"indices must be distinct pool examples, got {new}")
         self._labelled.extend(new)
-        self._is_labelled[new] = True
+        self._is_labelled.update(new)
 
     def train_dataloader(self) -> DataLoader:
         labelled = Subset(self.dataset, self._labelled)
@@ -137,15 +140,15 @@ class ActiveDataModule(pl.LightningDataModule):
         return DataLoader(Subset(dataset, indices.tolist()), batch_size=self.eval_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"labelled": list(self._labelled), "dataset_size": len(self._is_labelled)}
+        return {"labelled": list(self._labelled), "dataset_size": self._size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        size = state_dict.get("dataset_size", len(self._is_labelled))
-        if size != len(self._is_labelled):
+        size = state_dict.get("dataset_size", self._size)
+        if size != self._size:
             raise ValueError(
-                f"the checkpoint's labelled set indexes a dataset of {size} examples, this one has "
-                f"{len(self._is_labelled)}"
+                f"the checkpoint's labelled set indexes a dataset of {size} examples, "
+                f"this one has {self._size}"
             )
         self._labelled = []
-        self._is_labelled.zero_()
+        self._is_labelled = set()
         self.label(state_dict["labelled"])

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from lightning_dropout._validation import check_bool, check_choice, check_int, check_positive, check_seed
-from lightning_dropout.active.acquisition import SCORES, batch_bald, bald, power_bald, random, select
+from lightning_dropout.active.acquisition import SCORES, bald, batch_bald, power_bald, random, select
 from lightning_dropout.active.data import ActiveDataModule
 from lightning_dropout.mc import mc_predict
 
@@ -104,10 +104,11 @@ class ActiveLearningLoop(pl.Callback):
             raise TypeError(
                 "ActiveLearningLoop needs an ActiveDataModule passed to trainer.fit(datamodule=...)"
             )
-        if trainer.reload_dataloaders_every_n_epochs != 1:
+        reload = getattr(trainer, "reload_dataloaders_every_n_epochs", None)  # set by a connector
+        if reload != 1:
             raise ValueError(
                 "ActiveLearningLoop needs Trainer(reload_dataloaders_every_n_epochs=1) so that every "
-                f"round trains on the new labels, got {trainer.reload_dataloaders_every_n_epochs}"
+                f"round trains on the new labels, got {reload}"
             )
         self._scored_network(pl_module)
 
@@ -213,8 +214,8 @@ class ActiveLearningLoop(pl.Callback):
             return torch.cat(parts, 1).cpu()
         width = math.ceil(len(candidates) / world)
         mine = torch.cat(parts, 1) if parts else None
-        n_classes = torch.tensor(0 if mine is None else mine.shape[-1], device=device)
-        n_classes = int(trainer.strategy.reduce(n_classes, reduce_op="max"))
+        most_classes = torch.tensor(0 if mine is None else mine.shape[-1], device=device)
+        n_classes = int(trainer.strategy.reduce(most_classes, reduce_op="max"))
         padded = torch.zeros(self.n_samples, width, n_classes, device=device)
         if mine is not None:
             padded[:, : mine.shape[1]] = mine
