@@ -11,7 +11,7 @@ same network behind a plain ``forward``, so every pass runs the convolutions too
 Same process, interleaved (the order rotates each repeat), medians of ``--repeats`` runs,
 one torch thread.
 
-    python benchmarks/bench_active_pool.py            # writes benchmarks/results/active_pool_scoring.{md,json}
+    python benchmarks/bench_active_pool.py   # writes benchmarks/results/active_pool_scoring.{md,json}
     python benchmarks/bench_active_pool.py --repeats 3 --no-write
 """
 
