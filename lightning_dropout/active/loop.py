@@ -133,7 +133,8 @@ class ActiveLearningLoop(pl.Callback):
             if data.test_dataset is not None:
                 record.update(self._test(trainer, network, data))
             scores = None
-            last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+            bound = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+            last = bound is not None and trainer.current_epoch + 1 >= bound  # no acquisition after training
             if not last and len(data.pool) > 0:
                 scores = self._acquire(trainer, network, data)
         finally:
