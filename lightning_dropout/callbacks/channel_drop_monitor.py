@@ -63,6 +63,9 @@ class ChannelDropMonitor(StepMonitor):
     def __init__(self, layers: list[str] | None = None, every_n_steps: int | None = None) -> None:
         super().__init__(every_n_steps)
         self.layer_patterns = check_patterns("layers", layers)
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self.sites: dict[str, DropoutSite] = {}
         self._metrics: dict[str, ChannelDrop] = {}
 

@@ -165,15 +165,19 @@ class MCDropout(DropoutCallback):
             raise TypeError(f"target must be an index, a key or None, got {type(target).__name__} {target!r}")
         self.target = target
         self.n_bins = check_positive_int("n_bins", n_bins)
+        self._masks_seed = seed
+        self._said: set[str] = set()
+        self._forget_run()
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self._restore: dict[str, Callable[[], None]] = {}
         self._forward_calls = 0
         self._sites: dict[str, DropoutSite] = {}
         self._chosen: dict[str, DropoutSite] = {}
-        self._masks_seed = seed
         self._evaluation: MCEvaluation | None = None
         self._captured: tuple[MCOutput, Tensor | None] | None = None
         self._pair_output = False
-        self._said: set[str] = set()
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
