@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,6 +42,14 @@ class DropoutCallback(pl.Callback):
 
     Subclasses set their per-run attributes in :meth:`_forget_run` (and call it from
     ``__init__``), so that copies leave them out.
+
+    Example:
+        >>> import copy, pickle
+        >>> from lightning_dropout.callbacks import DropRateMonitor
+        >>> copy.deepcopy(DropRateMonitor(every_n_steps=5)).every_n_steps
+        5
+        >>> pickle.loads(pickle.dumps(DropRateMonitor(sites="encoder"))).site_patterns
+        ['encoder']
     """
 
     _run_state: tuple[weakref.ref[pl.Trainer], RunState] | None = None
@@ -60,7 +67,6 @@ class DropoutCallback(pl.Callback):
         self._forget_run()
 
 
-@cache
 def _run_attributes(cls: type[DropoutCallback]) -> frozenset[str]:
     """The names :meth:`DropoutCallback._forget_run` sets on an instance of ``cls``."""
     blank = cls.__new__(cls)

@@ -51,8 +51,8 @@ class DropRateMonitor(StepMonitor):
     ``drop_counts(input, output)`` method) counts its own drops (ConcreteDropout: relaxed
     drops past 1/2; EmbeddingDropout: distinct tokens dropped). Alpha dropout and DropConnect
     hide their drops from the activations, and fused kernels (``nn.LSTM``'s between-layer
-    dropout) hide their masks: only ``p`` is logged for those, and the sites that dropped unseen are named once in a
-    warning. Rates are reduced over DDP ranks.
+    dropout) hide their masks: only ``p`` is logged for those, and the sites that dropped
+    unseen are named once in a warning. Rates are reduced over DDP ranks.
 
     Args:
         every_n_steps: measure every this many optimizer steps; None uses the trainer's

@@ -289,7 +289,11 @@ class _DropCallMode(TorchFunctionMode):
         return self._observed(sites, func, args, kwargs)
 
     def _observed(
-        self, sites: list[DropoutSite], func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        sites: list[DropoutSite],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         finishes = [self.probe.observe(site, args[0]) for site in sites]
         out = func(*args, **kwargs)
