@@ -134,7 +134,8 @@ def main() -> None:
     if not args.no_write:
         out = ROOT / "benchmarks" / "results"
         (out / "sdpa_realised.md").write_text("\n".join(lines) + "\n")
-        (out / "sdpa_realised.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+        record = {"environment": env, "rows": rows}
+        (out / "sdpa_realised.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
