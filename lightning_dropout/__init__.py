@@ -1,10 +1,15 @@
 """lightning-dropout: the dropout family of regularizers for PyTorch Lightning.
 
 Layers (pure PyTorch), schedules, Monte-Carlo inference, torchmetrics metrics and
-Lightning callbacks; see the README for the tour.
+Lightning callbacks; see the README for the tour. The callbacks a Trainer takes are in
+:mod:`lightning_dropout.callbacks`, the per-rank streams in
+:mod:`lightning_dropout.random_streams`; nothing is exported twice.
 """
 
-from lightning_dropout import schedules
+from typing import Any
+
+from lightning_dropout import random_streams, schedules
+from lightning_dropout._deprecation import moved_name
 from lightning_dropout.layers import (
     ConcreteDropout,
     DropBlock2d,
@@ -24,7 +29,6 @@ from lightning_dropout.layers import (
 )
 from lightning_dropout.mc import MCOutput
 from lightning_dropout.mixin import DropoutMixin
-from lightning_dropout.random_streams import RankStreams
 
 __version__ = "0.1.0"
 
@@ -46,7 +50,15 @@ __all__ = [
     "GaussianDropout",
     "LockedDropout",
     "MCOutput",
-    "RankStreams",
     "__version__",
     "schedules",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Names that moved: they keep working, with one DeprecationWarning each.
+    return moved_name(
+        __name__,
+        name,
+        {"RankStreams": ("lightning_dropout.random_streams.RankStreams", random_streams.RankStreams)},
+    )

@@ -11,6 +11,29 @@ import numbers
 from typing import Any
 
 
+def check_real(name: str, value: Any, expected: str = "a real number") -> float:
+    """Return ``value`` as a float if it is a real number, else raise naming ``name``.
+
+    ``numbers.Real`` admits numpy scalars; bools are refused, since ``True`` for a rate or
+    a length is a mistake in a config, not a value.
+
+    Args:
+        name: the argument's name, used in the error message.
+        value: the value received.
+        expected: what the argument must be, for the message (``"a float in [0, 1]"``).
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+
+    Example:
+        >>> check_real("gamma", 2)
+        2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def check_probability(name: str, value: Any, *, allow_one: bool = True) -> float:
     """Return ``value`` as a float probability, or raise naming ``name``.
 
@@ -27,11 +50,9 @@ def check_probability(name: str, value: Any, *, allow_one: bool = True) -> float
         >>> check_probability("p", 0.25)
         0.25
     """
-    # numbers.Real admits numpy scalars; a tensor p is refused because it would move the
-    # mask draw onto the tensor's device and make every comparison a sync.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")
-    p = float(value)
+    # A tensor p is refused because it would move the mask draw onto the tensor's device
+    # and make every comparison a sync.
+    p = check_real(name, value, "a float in [0, 1]")
     upper = "1]" if allow_one else "1)"
     if math.isnan(p) or p < 0.0 or p > 1.0 or (not allow_one and p == 1.0):
         raise ValueError(f"{name} must be in [0, {upper}, got {value!r}")
@@ -49,9 +70,7 @@ def check_positive(name: str, value: Any) -> float:
         >>> check_positive("temperature", 0.1)
         0.1
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__} {value!r}")
-    number = float(value)
+    number = check_real(name, value, "a float > 0")
     if not (math.isfinite(number) and number > 0.0):
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
     return number

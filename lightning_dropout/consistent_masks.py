@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_dropout._validation import check_int
 from lightning_dropout.layers import WeightMaskLayer
 from lightning_dropout.random_streams import default_generators, mix_seed
 from lightning_dropout.sites import DropoutSite, function_sites
@@ -130,9 +131,7 @@ class ConsistentMasks:
     """
 
     def __init__(self, model: nn.Module, sites: Mapping[str, DropoutSite], seed: int) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed)
         unsupported = inconsistent_sites(sites)
         self.inconsistent = {name: why for name, why in unsupported.items() if sites[name].p != 0.0}
         # Those sites draw (even at p = 0: LayerDrop draws its number before comparing it

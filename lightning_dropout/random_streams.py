@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_dropout.selection import matches_name
+from lightning_dropout._validation import check_int
+from lightning_dropout.selection import check_patterns, matches_name, select
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -158,13 +159,9 @@ class RankStreams:
         devices: Sequence[torch.device | str] = (),
         step: int = 0,
     ) -> None:
-        for name, value in (("seed", seed), ("rank", rank), ("step", step)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        stream_seed(seed, rank, step)  # validates rank and step
-        self.seed = seed
-        self.rank = rank
-        self.step = step
+        self.seed = check_int("seed", seed)
+        self.rank = check_int("rank", rank, minimum=0)
+        self.step = check_int("step", step, minimum=0)
         self._generators = default_generators(devices)
         self._saved_states: list[torch.Tensor] | None = None
 
@@ -311,17 +308,9 @@ class ShardedSites:
         rank: int,
         devices: Sequence[torch.device | str] = (),
     ) -> None:
-        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-            raise TypeError(f"patterns must be a list of glob strings, got {patterns!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {type(rank).__name__} {rank!r}")
-        if rank < 0:
-            raise ValueError(f"rank must be >= 0, got {rank!r}")
-        names = [name for name, _ in module.named_modules() if name]
-        for pattern in patterns:
-            if not any(matches_name(name, pattern) for name in names):
-                raise ValueError(f"pattern {pattern!r} matches no module; the modules are {names[:40]}")
-        self.rank = rank
+        patterns = check_patterns("patterns", patterns) or []
+        self.rank = check_int("rank", rank, minimum=0)
+        select((name for name, _ in module.named_modules() if name), patterns, "module")
         self._generators = default_generators(devices)
         self._saved: list[list[torch.Tensor] | None] = []
         self.modules: dict[str, nn.Module] = {}

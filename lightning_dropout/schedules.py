@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_dropout._validation import check_positive, check_probability
+from lightning_dropout._validation import check_int, check_positive, check_probability, check_real
 
 __all__ = [
     "Chain",
@@ -70,20 +70,14 @@ def check_length(name: str, value: Any) -> Length:
         >>> check_length("steps", 100), check_length("steps", 0.5)
         (100, 0.5)
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be an int >= 1 (steps) or a float in (0, 1] (a fraction of the run), "
-            f"got {type(value).__name__} {value!r}"
-        )
+    expected = "an int >= 1 (steps) or a float in (0, 1] (a fraction of the run)"
+    fraction = check_real(name, value, expected)
     if isinstance(value, numbers.Integral):
         if value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (steps) or a float in (0, 1], got {value!r}")
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
         return int(value)
-    fraction = float(value)
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(
-            f"{name} must be an int >= 1 (steps) or a float in (0, 1] (a fraction of the run), got {value!r}"
-        )
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return fraction
 
 
@@ -124,16 +118,13 @@ class Schedule(ABC):
             ValueError: ``step`` < 0.
             RuntimeError: the schedule has fractional lengths and was not resolved.
         """
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"step must be an int >= 0, got {type(step).__name__} {step!r}")
-        if step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        step = check_int("step", step, minimum=0)
         if self._needs_resolve:
             raise RuntimeError(
                 f"{self!r} has lengths given as fractions of the run; call .resolve(total_steps) "
                 "first (DropoutScheduler does this from the trainer)"
             )
-        return self.value(int(step))
+        return self.value(step)
 
     @functools.cached_property
     def _needs_resolve(self) -> bool:
@@ -153,14 +144,14 @@ class Schedule(ABC):
         """A copy whose fractional lengths are step counts for a run of ``total`` steps.
 
         Raises:
-            ValueError: ``total`` is not an int >= 1, or resolved milestones collide.
+            TypeError: ``total`` is not an int.
+            ValueError: ``total`` < 1, or resolved milestones collide.
 
         Example:
             >>> Linear(0.5, 0.0, steps=0.1).resolve(1000)
             Linear(start=0.5, end=0.0, steps=100)
         """
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"total must be an int >= 1 (the run's length in steps), got {total!r}")
+        total = check_int("total", total, minimum=1)
         resolved: dict[str, Any] = {}
         for name, arg in self._config().items():
             if name in self._lengths:

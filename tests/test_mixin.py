@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import lightning as L
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from lightning_dropout import DropConnectLinear, Dropout2d, DropoutMixin, GaussianDropout, MCOutput
 
 
-class Net(DropoutMixin, L.LightningModule):
+class Net(DropoutMixin, pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
@@ -47,7 +47,7 @@ def test_dropout_layers_and_rates_by_qualified_name() -> None:
     assert [model.dropout_p()[name] for name in ("encoder.2", "head.0", "head.2")] == [0.05, 0.2, 0.2]
 
 
-class Tagger(DropoutMixin, L.LightningModule):
+class Tagger(DropoutMixin, pl.LightningModule):
     """Sites that are not modules: an LSTM's between-layer dropout and a float rate."""
 
     def __init__(self) -> None:

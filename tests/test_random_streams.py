@@ -277,7 +277,7 @@ def test_sharded_sites_bad_arguments() -> None:
     with pytest.raises(ValueError, match="'enc\\*' matches no module"):
         ShardedSites(net, ["enc*"], rank=0)
     with pytest.raises(TypeError, match="patterns"):
-        ShardedSites(net, "0", rank=0)
+        ShardedSites(net, [0], rank=0)  # type: ignore[list-item]
     with pytest.raises(TypeError, match="rank"):
         ShardedSites(net, ["0"], rank=1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rank"):

@@ -9,6 +9,7 @@ about loggers are given once per run however many monitors share it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -28,9 +29,15 @@ def tag_prefix(layer_name: str) -> str:
     return layer_name or "model"
 
 
-def layer_regex(family: str, layer_name: str, leaves: str) -> str:
-    """A regex matching ``family/<layer>/<leaf>`` for the leaves alternation ``leaves``."""
-    return f"{family}/{re.escape(tag_prefix(layer_name))}/({leaves})$"
+def site_charts(family: str, names: Iterable[str], leaves: str) -> Charts:
+    r"""One chart per site (titled with its tag path) of the tags ``family/<site>/<leaf>``
+    for the leaves alternation ``leaves``.
+
+    Example:
+        >>> site_charts("dropout", ["enc.drop"], "p|realised")
+        {'enc.drop': ['dropout/enc\\.drop/(p|realised)$']}
+    """
+    return {tag_prefix(name): [f"{family}/{re.escape(tag_prefix(name))}/({leaves})$"] for name in names}
 
 
 def register_charts(trainer: pl.Trainer, category: str, charts: Charts, rates: bool = True) -> None:

@@ -3,7 +3,7 @@ those steps, watching dropout sites, and resolving which modules to watch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_dropout._validation import check_positive_int
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._run import DropoutCallback, warn_once
-from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
+from lightning_dropout.callbacks._site_report import report_sites
 from lightning_dropout.sites import DropoutSite, FunctionalProbe, find_sites
 from lightning_dropout.sites.probe import Observer
 
@@ -76,20 +76,7 @@ def _module_hooks(site: DropoutSite, observe: Observer) -> list[Removable]:
     return [site.module.register_forward_pre_hook(before), site.module.register_forward_hook(after)]
 
 
-def check_names(argument: str, value: Any) -> list[str] | None:
-    """A list of module-name globs (or None), validated."""
-    if value is None:
-        return None
-    if (
-        isinstance(value, str)
-        or not isinstance(value, Sequence)
-        or not all(isinstance(v, str) for v in value)
-    ):
-        raise TypeError(f"{argument} must be a list of module names or globs, or None, got {value!r}")
-    return list(value)
-
-
-def resolve_modules(model: nn.Module, patterns: list[str], argument: str = "layers") -> dict[str, nn.Module]:
+def resolve_modules(model: nn.Module, patterns: list[str], argument: str = "modules") -> dict[str, nn.Module]:
     """The modules whose qualified names match one of ``patterns`` (``fnmatch`` globs on
     the whole name, so ``"head.1"`` is that module and ``"blocks.*.mlp"`` every block's).
 
@@ -100,7 +87,7 @@ def resolve_modules(model: nn.Module, patterns: list[str], argument: str = "laye
     unknown = [p for p in patterns if not any(fnmatchcase(name, p) for name in modules)]
     if unknown:
         known = ", ".join(repr(name) for name in modules) or "(none)"
-        raise ValueError(f"{argument} names unknown modules {unknown}; the model's modules are: {known}")
+        raise ValueError(f"{argument}= names unknown modules {unknown}; the model's modules are: {known}")
     return {name: m for name, m in modules.items() if any(fnmatchcase(name, p) for p in patterns)}
 
 
@@ -175,8 +162,7 @@ class StepMonitor(DropoutCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx == 0:  # user code may have changed modes since the last epoch
-            warn_sites_in_eval(trainer, find_sites(pl_module))
+        self.check_modes(trainer, pl_module, batch_idx)
         step = trainer.global_step
         # Under gradient accumulation several batches share a step: measure the first.
         if not self._active or step % self._interval or step == self._last_step:

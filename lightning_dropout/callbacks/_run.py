@@ -16,11 +16,14 @@ the next trainer it joins, as a fresh callback does.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_dropout.sites import DropoutSite, find_sites
 
 # Multiline charts: title -> tag regexes (matched from the start of the tag).
 Charts = dict[str, list[str]]
@@ -66,6 +69,17 @@ class DropoutCallback(pl.Callback):
         self.__dict__.update(state)
         self._forget_run()
 
+    def check_modes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        """On each epoch's first training batch, warn about dropout sites left in eval mode.
+
+        User code may change modes between epochs, so this runs every epoch; the first of
+        the run's callbacks to ask does the check, and the warning is said once per run.
+        """
+        if batch_idx == 0 and first_time(
+            trainer, f"check-modes-{trainer.current_epoch}-{trainer.global_step}"
+        ):
+            warn_sites_in_eval(trainer, find_sites(pl_module))
+
 
 def _run_attributes(cls: type[DropoutCallback]) -> frozenset[str]:
     """The names :meth:`DropoutCallback._forget_run` sets on an instance of ``cls``."""
@@ -106,3 +120,16 @@ def warn_once(trainer: pl.Trainer, key: str, message: str) -> None:
     """``rank_zero_warn`` ``message`` unless this run already warned under ``key``."""
     if first_time(trainer, key):
         rank_zero_warn(message)
+
+
+def warn_sites_in_eval(trainer: pl.Trainer, sites: Mapping[str, DropoutSite]) -> None:
+    """Warn once per run about sites with p > 0 whose gating module is in eval mode."""
+    stuck = [name for name, site in sites.items() if (site.p or 0.0) > 0.0 and not site.training]
+    if stuck:
+        warn_once(
+            trainer,
+            "sites-in-eval",
+            f"These dropout sites have p > 0 but a module that gates them is in eval mode, so they "
+            f"do not drop in training: {stuck}. Lightning keeps the modes you set: call .train() "
+            "on them if they should drop.",
+        )

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_dropout.callbacks._run import first_time, warn_once
+from lightning_dropout.callbacks._run import first_time, warn_sites_in_eval
 from lightning_dropout.sites import DropoutSite, find_sites
 
 
@@ -23,19 +23,6 @@ def report_sites(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     if sites and any(isinstance(callback, ModelSummary) for callback in _callbacks(trainer)):
         rank_zero_info(site_table(sites, controls(trainer, sites)))
     warn_sites_in_eval(trainer, sites)
-
-
-def warn_sites_in_eval(trainer: pl.Trainer, sites: Mapping[str, DropoutSite]) -> None:
-    """Warn once per run about sites with p > 0 whose gating module is in eval mode."""
-    stuck = [name for name, site in sites.items() if (site.p or 0.0) > 0.0 and not site.training]
-    if stuck:
-        warn_once(
-            trainer,
-            "sites-in-eval",
-            f"These dropout sites have p > 0 but a module that gates them is in eval mode, so they "
-            f"do not drop in training: {stuck}. Lightning keeps the modes you set: call .train() "
-            "on them if they should drop.",
-        )
 
 
 def controls(trainer: pl.Trainer, sites: Mapping[str, DropoutSite]) -> dict[str, str]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_dropout._deprecation import renamed_argument
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._monitor import Removable, StepMonitor, watch_sites
 from lightning_dropout.layers import ChannelDropout
@@ -45,14 +46,15 @@ class ChannelDropMonitor(StepMonitor):
     frequencies. Hooks exist only during measured steps; counts are reduced over DDP ranks.
 
     Args:
-        layers: globs on qualified site names (a glob naming a module selects every
-            channel-dropping module below it); None watches them all.
+        sites: a glob or a list of globs on qualified site names (a glob naming a module
+            selects every channel-dropping module below it); None watches them all.
         every_n_steps: measure every this many optimizer steps; None uses the trainer's
             ``log_every_n_steps``.
+        layers: the deprecated name of ``sites``.
 
     Raises:
-        TypeError: wrongly typed arguments.
-        ValueError: ``every_n_steps`` < 1; in ``setup``, a ``layers`` pattern that matches no
+        TypeError: wrongly typed arguments, or both ``sites`` and ``layers``.
+        ValueError: ``every_n_steps`` < 1; in ``setup``, a glob in ``sites`` that matches no
             channel-dropping module (the error lists them).
 
     Example:
@@ -60,9 +62,16 @@ class ChannelDropMonitor(StepMonitor):
         >>> trainer = pl.Trainer(callbacks=[ChannelDropMonitor()], logger=False)
     """
 
-    def __init__(self, layers: list[str] | None = None, every_n_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        sites: str | Sequence[str] | None = None,
+        every_n_steps: int | None = None,
+        *,
+        layers: str | Sequence[str] | None = None,
+    ) -> None:
         super().__init__(every_n_steps)
-        self.layer_patterns = check_patterns("layers", layers)
+        sites = renamed_argument("ChannelDropMonitor", "layers", "sites", layers, sites)
+        self.site_patterns = check_patterns("sites", sites)
 
     def _forget_run(self) -> None:
         super()._forget_run()
@@ -75,7 +84,7 @@ class ChannelDropMonitor(StepMonitor):
             for name, site in find_sites(pl_module).items()
             if site.is_module and site.kind == "channel"
         }
-        names = select(channel_sites, self.layer_patterns, "channel-dropping module")
+        names = select(channel_sites, self.site_patterns, "channel-dropping module")
         self.sites = {name: channel_sites[name] for name in names}
         return self.sites
 
@@ -83,10 +92,7 @@ class ChannelDropMonitor(StepMonitor):
         return "ChannelDropMonitor: the model has no channel-dropping layers; nothing to monitor."
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
-        charts = {
-            _dashboard.tag_prefix(name): [_dashboard.layer_regex("channel_drop", name, "fraction|expected")]
-            for name in self.sites
-        }
+        charts = _dashboard.site_charts("channel_drop", self.sites, "fraction|expected")
         return _dashboard.CHANNEL_CATEGORY, charts
 
     def _attach(self) -> list[Removable]:

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from lightning_dropout._deprecation import renamed_argument
 from lightning_dropout._validation import check_bool, check_positive_int
 from lightning_dropout.callbacks import _dashboard
 from lightning_dropout.callbacks._monitor import (
     Removable,
     StepMonitor,
-    check_names,
     first_tensor,
     resolve_modules,
     watch_sites,
@@ -101,8 +101,10 @@ class CoActivationMonitor(StepMonitor):
     What is watched: by default the input of every dropout site that drops units or
     channels (the units it acts on): dropout modules, and ``F.dropout`` calls a module's
     code makes at a rate of its own (BART's ``self.dropout``, timm's ``drop_rate``); not
-    attention probabilities, drop-path branches or tokens. ``sites`` narrows that choice,
-    ``layers`` watches the outputs of named modules instead (both may be given).
+    attention probabilities, drop-path branches or tokens. Two arguments choose, each with
+    one meaning: ``sites`` narrows the dropout sites whose inputs are measured; ``modules``
+    measures the outputs of any named modules (an activation, a block) instead of the
+    sites'. Given both, both are measured.
 
     Which dimension holds the units: channels (dimension 1) for channel-dropping sites
     and for activations with 4 or more dimensions (``[B, C, H, W]``); otherwise the last
@@ -111,8 +113,9 @@ class CoActivationMonitor(StepMonitor):
     steps (dynamic padding).
 
     Args:
-        layers: globs on module names (``fnmatch`` on the whole name: ``"head.1"``,
-            ``"blocks.*.mlp.act"``) whose outputs to measure; None measures dropout sites.
+        modules: a glob or a list of globs on module names (``fnmatch`` on the whole name,
+            so ``"head.1"`` is that module alone and ``"blocks.*.mlp.act"`` every block's
+            activation) whose outputs to measure; None measures dropout sites.
         every_n_steps: measure every this many optimizer steps; None uses the trainer's
             ``log_every_n_steps``.
         max_units: at most this many units per activation (a fixed random subset) bound
@@ -122,12 +125,14 @@ class CoActivationMonitor(StepMonitor):
             included). Encoding and writing two heatmaps cost about as much as the rest of a
             measured step, so the default (10) keeps the monitors' cost near 3% of training
             while the scalars and histograms stay on every measured step; 1 logs every time.
-        sites: globs on qualified site names (a glob naming a module selects every site
-            below it) whose inputs to measure; None for every site when ``layers`` is None.
+        sites: a glob or a list of globs on qualified site names (a glob naming a module
+            selects every site below it) whose inputs to measure; None for every site when
+            ``modules`` is None.
+        layers: the deprecated name of ``modules`` (same meaning).
 
     Raises:
-        TypeError: wrongly typed arguments.
-        ValueError: ``every_n_steps`` or ``max_units`` < 1; in ``setup``, ``layers`` names
+        TypeError: wrongly typed arguments, or both ``modules`` and ``layers``.
+        ValueError: ``every_n_steps`` or ``max_units`` < 1; in ``setup``, ``modules`` names
             modules the model does not have or ``sites`` matches no site (the error lists
             what there is).
 
@@ -138,15 +143,18 @@ class CoActivationMonitor(StepMonitor):
 
     def __init__(
         self,
-        layers: list[str] | None = None,
+        modules: str | Sequence[str] | None = None,
         every_n_steps: int | None = None,
         max_units: int = 256,
         log_images: bool = True,
         image_interval: int = 10,
         sites: str | Sequence[str] | None = None,
+        *,
+        layers: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps)
-        self.layer_names = check_names("layers", layers)
+        modules = renamed_argument("CoActivationMonitor", "layers", "modules", layers, modules)
+        self.module_patterns = check_patterns("modules", modules)
         self.site_patterns = check_patterns("sites", sites)
         self.max_units = check_positive_int("max_units", max_units)
         self.log_images = check_bool("log_images", log_images)
@@ -161,10 +169,10 @@ class CoActivationMonitor(StepMonitor):
 
     def _select(self, pl_module: pl.LightningModule) -> Mapping[str, object]:
         self._sites = {}
-        if self.layer_names is None or self.site_patterns is not None:
+        if self.module_patterns is None or self.site_patterns is not None:
             chosen = select_sites(pl_module, self.site_patterns)
             self._sites = {name: site for name, site in chosen.items() if site.kind in UNIT_KINDS}
-        self._modules = resolve_modules(pl_module, self.layer_names) if self.layer_names else {}
+        self._modules = resolve_modules(pl_module, self.module_patterns) if self.module_patterns else {}
         return {**self._sites, **self._modules}
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:

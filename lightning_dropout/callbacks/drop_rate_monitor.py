@@ -92,10 +92,7 @@ class DropRateMonitor(StepMonitor):
         return self.sites
 
     def _charts(self) -> tuple[str, _dashboard.Charts]:
-        charts = {
-            _dashboard.tag_prefix(name): [_dashboard.layer_regex("dropout", name, "p|realised")]
-            for name in self.sites
-        }
+        charts = _dashboard.site_charts("dropout", self.sites, "p|realised")
         return _dashboard.RATE_CATEGORY, charts
 
     def _attach(self) -> list[Removable]:

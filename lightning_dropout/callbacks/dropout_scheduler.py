@@ -39,9 +39,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_dropout._deprecation import renamed_argument
 from lightning_dropout._validation import check_bool, check_choice, check_probability
 from lightning_dropout.callbacks._run import DropoutCallback
-from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
+from lightning_dropout.callbacks._site_report import report_sites
 from lightning_dropout.schedules import Schedule
 from lightning_dropout.selection import assign, matches_name
 from lightning_dropout.sites import DropoutSite, find_sites
@@ -81,11 +82,12 @@ class DropoutScheduler(DropoutCallback):
 
     Args:
         schedule: a schedule, or a non-empty mapping from site patterns to schedules.
-        targets: more modules to drive, beyond the sites found by default: a string is a
-            glob on module names or the name of a module class (or a base class), a type
+        extra_modules: modules to drive as sites although the discovery rules do not find
+            them (they add to the sites found, and do not narrow them): a string is a glob
+            on module names or the name of a module class (or a base class), a type
             matches its instances; a list adds what any entry matches. A module named here
             is driven through its rate attribute (``p``, ``drop_prob``, ``prob`` or
-            ``drop_rate``).
+            ``drop_rate``) and joins the group its name falls in.
         interval: ``"step"`` (index = ``trainer.global_step``) or ``"epoch"`` (index =
             ``trainer.current_epoch``).
         depth_profile: keep the built proportions between a group's drop-path sites
@@ -94,13 +96,15 @@ class DropoutScheduler(DropoutCallback):
             lengths resolve against the resumed run and drop-path profiles are read from
             the model as loaded. The index stays ``trainer.global_step`` (or
             ``current_epoch``). Needed to resume with other groups or another interval.
+        targets: the deprecated name of ``extra_modules``.
 
     Raises:
         TypeError: ``schedule`` is not a Schedule or a mapping of str to Schedule, or
-            ``targets`` holds something other than strings and module types.
-        ValueError: an empty ``schedule`` mapping or pattern, empty ``targets``, or an
+            ``extra_modules`` holds something other than strings and module types, or both
+            ``extra_modules`` and ``targets`` are given.
+        ValueError: an empty ``schedule`` mapping or pattern, empty ``extra_modules``, or an
             unknown ``interval``. At fit start: a model without dropout sites, a group or
-            ``targets`` entry matching nothing, two equally specific patterns for one site,
+            ``extra_modules`` entry matching nothing, two equally specific patterns for one site,
             a group taking in a site whose p is learned (ConcreteDropout), fractional lengths
             in a run of unknown length, or a site that another ``DropoutScheduler`` of the
             same Trainer schedules too. On resume: the checkpoint holds the state of a
@@ -116,13 +120,18 @@ class DropoutScheduler(DropoutCallback):
     def __init__(
         self,
         schedule: Schedule | dict[str, Schedule],
-        targets: str | type[nn.Module] | list[str | type[nn.Module]] | None = None,
+        extra_modules: Target | list[Target] | None = None,
         interval: str = "step",
         depth_profile: bool = True,
         restart: bool = False,
+        *,
+        targets: Target | list[Target] | None = None,
     ) -> None:
         self.schedules = check_schedules(schedule)
-        self.targets = check_targets(targets)
+        extra_modules = renamed_argument(
+            "DropoutScheduler", "targets", "extra_modules", targets, extra_modules
+        )
+        self.extra_modules = check_extra_modules(extra_modules)
         self.interval = check_choice("interval", interval, INTERVALS)
         self.depth_profile = check_bool("depth_profile", depth_profile)
         self.restart = check_bool("restart", restart)
@@ -142,11 +151,11 @@ class DropoutScheduler(DropoutCallback):
 
     def __repr__(self) -> str:
         schedule = self.schedules[SINGLE_GROUP] if self._single else self.schedules
-        targets = "" if self.targets is None else f", targets={self.targets!r}"
+        extra = "" if self.extra_modules is None else f", extra_modules={self.extra_modules!r}"
         interval = "" if self.interval == "step" else f", interval={self.interval!r}"
         profile = "" if self.depth_profile else ", depth_profile=False"
         restart = ", restart=True" if self.restart else ""
-        return f"{type(self).__name__}({schedule!r}{targets}{interval}{profile}{restart})"
+        return f"{type(self).__name__}({schedule!r}{extra}{interval}{profile}{restart})"
 
     @property
     @override
@@ -165,7 +174,7 @@ class DropoutScheduler(DropoutCallback):
         """The settable sites of ``module`` each group drives, by group name.
 
         Raises:
-            ValueError: no dropout site, ``targets`` or a group matching nothing, two
+            ValueError: no dropout site, ``extra_modules`` or a group matching nothing, two
                 equally specific patterns for one site, or a site whose p is learned.
 
         Example:
@@ -174,15 +183,15 @@ class DropoutScheduler(DropoutCallback):
             >>> DropoutScheduler(Constant(0.1)).find_groups(net)
             {'all': [DropoutSite('1', kind='dropout', p=0.5)]}
         """
-        found = find_sites(module, include=self._targeted if self.targets else None)
+        found = find_sites(module, include=self._is_extra if self.extra_modules else None)
         if not found:
             raise ValueError(f"DropoutScheduler found no dropout site in {type(module).__name__}")
-        for target in self.targets or ():
+        for target in self.extra_modules or ():
             if not any(
                 site.is_module and matches_target(name, site.module, target) for name, site in found.items()
             ):
                 raise ValueError(
-                    f"targets entry {target!r} matches no module with a drop rate "
+                    f"extra_modules entry {target!r} matches no module with a drop rate "
                     f"({', '.join(GENERIC_RATE_ATTRIBUTES)}) in {type(module).__name__}"
                 )
         assigned = {SINGLE_GROUP: list(found)} if self._single else assign(found, list(self.schedules))
@@ -203,8 +212,8 @@ class DropoutScheduler(DropoutCallback):
         """What this scheduler sets, for the site table: site name -> ``"schedule '<group>'"``."""
         return {site.name: f"schedule {group!r}" for group, sites in self._groups.items() for site in sites}
 
-    def _targeted(self, name: str, module: nn.Module) -> bool:
-        return any(matches_target(name, module, target) for target in self.targets or ())
+    def _is_extra(self, name: str, module: nn.Module) -> bool:
+        return any(matches_target(name, module, target) for target in self.extra_modules or ())
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -279,8 +288,7 @@ class DropoutScheduler(DropoutCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx == 0:  # user code may have changed modes since the last epoch
-            warn_sites_in_eval(trainer, find_sites(pl_module))
+        self.check_modes(trainer, pl_module, batch_idx)
         index = trainer.global_step if self.interval == "step" else trainer.current_epoch
         rates = self.rates(index)
         # The per-step hot path: rates() validated each p and shares lie in [0, 1], so the
@@ -430,31 +438,33 @@ def check_schedules(schedule: Any) -> dict[str, Schedule]:
     return dict(schedule)
 
 
-def check_targets(targets: Any) -> list[Target] | None:
-    """``targets`` as a list of globs / class names / module types, or None.
+def check_extra_modules(extra_modules: Any) -> list[Target] | None:
+    """``extra_modules`` as a list of globs / class names / module types, or None.
 
     Raises:
         TypeError: an entry that is neither a string nor an nn.Module subclass.
         ValueError: an empty list or an empty string.
 
     Example:
-        >>> check_targets("encoder.*"), check_targets([torch.nn.Dropout])
+        >>> check_extra_modules("encoder.*"), check_extra_modules([torch.nn.Dropout])
         (['encoder.*'], [<class 'torch.nn.modules.dropout.Dropout'>])
     """
-    if targets is None:
+    if extra_modules is None:
         return None
-    entries = [targets] if isinstance(targets, (str, type)) else targets
+    entries = [extra_modules] if isinstance(extra_modules, (str, type)) else extra_modules
     if not isinstance(entries, Sequence):
-        raise TypeError(f"targets must be a string, a module type or a list of them, got {targets!r}")
+        raise TypeError(
+            f"extra_modules must be a string, a module type or a list of them, got {extra_modules!r}"
+        )
     if not entries:
-        raise ValueError("targets must name at least one layer pattern or type, got an empty list")
+        raise ValueError("extra_modules must name at least one module pattern or type, got an empty list")
     for entry in entries:
         if isinstance(entry, str):
             if not entry:
-                raise ValueError("targets must not hold an empty string")
+                raise ValueError("extra_modules must not hold an empty string")
         elif not (isinstance(entry, type) and issubclass(entry, nn.Module)):
             raise TypeError(
-                "targets entries must be strings or nn.Module subclasses, "
+                "extra_modules entries must be strings or nn.Module subclasses, "
                 f"got {type(entry).__name__} {entry!r}"
             )
     return list(entries)

@@ -8,7 +8,7 @@ Lightning-AI/pytorch-lightning#16166). :class:`PerRankDropout` opens a
 activation-checkpoint recomputation) and the optimizer step draw from a stream derived from
 the run's seed, the data-parallel rank and the step; everything else keeps torch's global
 stream. Under ``ModelParallelStrategy`` the ranks of a tensor-parallel group share a stream
-(right for replicated activations) and the sites named in ``sharded_sites`` draw per
+(right for replicated activations) and the modules named in ``sharded_modules`` draw per
 tensor-parallel rank (:class:`~lightning_dropout.random_streams.ShardedSites`).
 """
 
@@ -22,11 +22,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_dropout._validation import check_bool
+from lightning_dropout._validation import check_bool, check_seed
 from lightning_dropout.callbacks._run import DropoutCallback
-from lightning_dropout.callbacks._site_report import report_sites, warn_sites_in_eval
+from lightning_dropout.callbacks._site_report import report_sites
 from lightning_dropout.random_streams import RankStreams, ShardedSites, mesh_ranks
-from lightning_dropout.sites import find_sites
+from lightning_dropout.selection import check_patterns
 
 __all__ = ["PerRankDropout", "check_supported_strategy"]
 
@@ -83,9 +83,9 @@ class PerRankDropout(DropoutCallback):
     The data-parallel rank is the global rank under DDP and ``FSDPStrategy``. Under
     ``ModelParallelStrategy`` it is the coordinate on the mesh's ``"data_parallel"``
     dimension: the ranks of a tensor-parallel group draw the same masks, which is right
-    for activations they hold whole (replicated). Name the sites whose activations are
-    sharded across the group in ``sharded_sites``: their modules' forwards draw per
-    tensor-parallel rank as well (in every stage: MC dropout included).
+    for activations they hold whole (replicated). Name the modules whose activations are
+    sharded across the group in ``sharded_modules``: their forwards (and every dropout site
+    inside them) draw per tensor-parallel rank as well (in every stage: MC dropout included).
 
     ``seed`` defaults to the run's seed, ``torch.initial_seed()`` at setup (the
     ``seed_everything`` seed when one was set), taken from rank 0 so all ranks agree.
@@ -96,36 +96,32 @@ class PerRankDropout(DropoutCallback):
     Args:
         enabled: decorrelate the ranks' masks (True) or leave torch's generators alone.
         seed: the streams' seed; None takes the run's seed at setup.
-        sharded_sites: globs on qualified module names (a pattern naming a module covers
-            everything below it) of the sites whose activations are sharded across the
+        sharded_modules: globs on qualified module names (a glob naming a module covers
+            everything below it) of the modules whose activations are sharded across the
             tensor-parallel group, e.g. ``["layers.*.attention"]``; see
             :class:`~lightning_dropout.random_streams.ShardedSites`.
 
     Raises:
         TypeError: ``enabled`` is not a bool, ``seed`` not an int (or None),
-            ``sharded_sites`` not a list of strings.
+            ``sharded_modules`` not a glob string, a list of them or None.
         RuntimeError: at setup, when enabled, for DeepSpeed, or for a multi-process run on
             an accelerator other than CPU or CUDA.
-        ValueError: when the model is set up, a ``sharded_sites`` pattern that matches no module.
+        ValueError: an empty ``sharded_modules`` glob; when the model is set up, a glob
+            that matches no module.
 
     Example:
-        >>> callback = PerRankDropout(sharded_sites=["blocks.*.attn"])
+        >>> callback = PerRankDropout(sharded_modules=["blocks.*.attn"])
         >>> trainer = pl.Trainer(accelerator="cpu", callbacks=[callback], logger=False)
-        >>> callback.enabled, callback.sharded_sites
+        >>> callback.enabled, callback.sharded_modules
         (True, ['blocks.*.attn'])
     """
 
     def __init__(
-        self, enabled: bool = True, seed: int | None = None, sharded_sites: list[str] | None = None
+        self, enabled: bool = True, seed: int | None = None, sharded_modules: str | list[str] | None = None
     ) -> None:
         self.enabled = check_bool("enabled", enabled)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-        sites = [] if sharded_sites is None else sharded_sites
-        if isinstance(sites, str) or not all(isinstance(pattern, str) for pattern in sites):
-            raise TypeError(f"sharded_sites must be a list of glob strings or None, got {sharded_sites!r}")
-        self.seed = seed
-        self.sharded_sites = list(sites)
+        self.seed = check_seed("seed", seed)
+        self.sharded_modules = check_patterns("sharded_modules", sharded_modules) or []
         self._loaded_state: dict[str, int] = {}
         self._forget_run()
 
@@ -175,34 +171,25 @@ class PerRankDropout(DropoutCallback):
             return trainer.global_rank, 0
         # The mesh exists once the strategy's environment is set up, before this hook.
         mesh = strategy.device_mesh
-        if mesh[TENSOR_PARALLEL_DIM].size() > 1 and not self.sharded_sites:
+        if mesh[TENSOR_PARALLEL_DIM].size() > 1 and not self.sharded_modules:
             rank_zero_info(
                 "PerRankDropout: every dropout site draws the same masks across the tensor-parallel group "
-                "(right for replicated activations). Name the sites whose activations are sharded across "
-                "it in PerRankDropout(sharded_sites=[...]) to give each shard its own masks."
+                "(right for replicated activations). Name the modules whose activations are sharded across "
+                "it in PerRankDropout(sharded_modules=[...]) to give each shard its own masks."
             )
         return mesh_ranks(mesh, TENSOR_PARALLEL_DIM)
 
-    def _mark_sharded_sites(self, pl_module: pl.LightningModule) -> None:
+    def _mark_sharded_modules(self, pl_module: pl.LightningModule) -> None:
         # Not in setup: configure_model, which may build the modules, runs after it.
-        if self._tensor_rank is not None and self.sharded_sites and self.sharded is None:
-            self.sharded = ShardedSites(pl_module, self.sharded_sites, self._tensor_rank, self._devices)
+        if self._tensor_rank is not None and self.sharded_modules and self.sharded is None:
+            self.sharded = ShardedSites(pl_module, self.sharded_modules, self._tensor_rank, self._devices)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._mark_sharded_sites(pl_module)
+        self._mark_sharded_modules(pl_module)
 
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._mark_sharded_sites(pl_module)
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._mark_sharded_sites(pl_module)
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._mark_sharded_sites(pl_module)
+    # Every stage's forwards draw per tensor-parallel rank at the sharded modules.
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -213,8 +200,8 @@ class PerRankDropout(DropoutCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.enabled and batch_idx == 0:  # user code may have changed modes since the last epoch
-            warn_sites_in_eval(trainer, find_sites(pl_module))
+        if self.enabled:
+            self.check_modes(trainer, pl_module, batch_idx)
         if self.streams is not None:
             # A LightningModule whose on_train_batch_start returns -1 ends the epoch
             # without on_train_batch_end; the epoch-end hook closes that scope.

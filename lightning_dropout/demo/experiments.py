@@ -59,7 +59,7 @@ class DemoConfig:
 def _coactivation() -> CoActivationMonitor:
     # The hidden units themselves (the ReLU outputs), so runs with and without dropout
     # share tags and TensorBoard draws them on the same charts.
-    return CoActivationMonitor(layers=["net.relu1", "net.relu2"], max_units=64)
+    return CoActivationMonitor(modules=["net.relu1", "net.relu2"], max_units=64)
 
 
 def _monitor_only() -> list[pl.Callback]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_dropout._validation import check_positive_int
-from lightning_dropout.metrics.functional import _co_activation_compute, _co_activation_update
+from lightning_dropout.metrics.functional import _coactivation_compute, _coactivation_update
 
 
 class CoActivation(Metric):
@@ -65,7 +65,7 @@ class CoActivation(Metric):
 
     def update(self, acts: Tensor) -> None:
         """Add a batch of activations ``[B, D]`` or ``[B, C, ...]`` (reduced per channel)."""
-        count, total, outer, zeros, elements = _co_activation_update(acts, self.num_units)
+        count, total, outer, zeros, elements = _coactivation_update(acts, self.num_units)
         self.count += count
         self.total += total
         self.outer += outer
@@ -74,4 +74,4 @@ class CoActivation(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """The statistics of everything seen since the last reset (see the class doc)."""
-        return _co_activation_compute(self.count, self.total, self.outer, self.zeros, self.elements)
+        return _coactivation_compute(self.count, self.total, self.outer, self.zeros, self.elements)

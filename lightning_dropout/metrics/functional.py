@@ -1,5 +1,5 @@
 """Plain functions behind the metrics: activations to units, moments to statistics, and
-the functional forms of the metrics (``co_activation``, ``channel_drop``, ``drop_rate``),
+the functional forms of the metrics (``coactivation``, ``channel_drop``, ``drop_rate``),
 which share each Metric's update and compute.
 
 Everything here is pure torch. Statistics are computed from float64 sums (count, sum,
@@ -10,10 +10,12 @@ cancellation in ``E[xy] - E[x]E[y]`` harmless for activations of ordinary scale.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_dropout._deprecation import moved_name
 from lightning_dropout._validation import check_positive, check_probability
 
 
@@ -120,7 +122,7 @@ def binomial_z(observed: Tensor, expected: Tensor, variance: Tensor) -> Tensor:
 # sums) and the functional forms below (one batch), as torchmetrics pairs them.
 
 
-def _co_activation_update(acts: Tensor, num_units: int | None = None) -> tuple[Tensor, ...]:
+def _coactivation_update(acts: Tensor, num_units: int | None = None) -> tuple[Tensor, ...]:
     """Float64 sums of one batch: (samples, per-unit sums, outer products, zeros, elements).
 
     Raises:
@@ -143,7 +145,7 @@ def _co_activation_update(acts: Tensor, num_units: int | None = None) -> tuple[T
     )
 
 
-def _co_activation_compute(
+def _coactivation_compute(
     count: Tensor, total: Tensor, outer: Tensor, zeros: Tensor, elements: Tensor
 ) -> dict[str, Tensor]:
     cov = covariance_from_moments(count, total, outer)
@@ -158,7 +160,7 @@ def _co_activation_compute(
     }
 
 
-def co_activation(acts: Tensor) -> dict[str, Tensor]:
+def coactivation(acts: Tensor) -> dict[str, Tensor]:
     """Co-activation statistics of one batch of activations (functional
     :class:`~lightning_dropout.metrics.CoActivation`).
 
@@ -174,10 +176,10 @@ def co_activation(acts: Tensor) -> dict[str, Tensor]:
 
     Example:
         >>> x = torch.randn(100, 1)
-        >>> round(co_activation(torch.cat([x, -x], dim=1))["mean_abs_corr"].item(), 6)
+        >>> round(coactivation(torch.cat([x, -x], dim=1))["mean_abs_corr"].item(), 6)
         1.0
     """
-    return _co_activation_compute(*_co_activation_update(acts))
+    return _coactivation_compute(*_coactivation_update(acts))
 
 
 def _channel_drop_update(
@@ -262,3 +264,10 @@ def drop_rate(dropped: Tensor | float, observed: Tensor | float) -> Tensor:
     """
     count, seen = _drop_rate_update(dropped, observed)
     return count / seen
+
+
+def __getattr__(name: str) -> Any:
+    # Names that changed: they keep working, with one DeprecationWarning each.
+    return moved_name(
+        __name__, name, {"co_activation": ("lightning_dropout.metrics.functional.coactivation", coactivation)}
+    )

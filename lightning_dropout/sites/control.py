@@ -17,18 +17,18 @@ Patterns = str | Sequence[str] | None
 
 
 def select_sites(
-    model: nn.Module, patterns: Patterns = None, sites: Mapping[str, DropoutSite] | None = None
+    model: nn.Module, sites: Patterns = None, found: Mapping[str, DropoutSite] | None = None
 ) -> dict[str, DropoutSite]:
-    """The sites of ``model`` matching any of ``patterns`` (globs; all for None).
+    """The sites of ``model`` matching any of the globs ``sites`` (all for None).
 
     Args:
         model: the model.
-        patterns: one glob or a list of globs on qualified site names; a pattern naming a
+        sites: one glob or a list of globs on qualified site names; a glob naming a
             module selects every site below it.
-        sites: the model's sites when already found (saves a search).
+        found: the model's sites when already found (saves a search).
 
     Raises:
-        TypeError: ``patterns`` is not a string, a list of strings or None.
+        TypeError: ``sites`` is not a string, a list of strings or None.
         ValueError: a pattern matches no site (the message lists the sites).
 
     Example:
@@ -36,12 +36,12 @@ def select_sites(
         >>> list(select_sites(net, "1"))
         ['1.0']
     """
-    checked = check_patterns("pattern", patterns)
-    found = find_sites(model) if sites is None else sites
+    checked = check_patterns("sites", sites)
+    found = find_sites(model) if found is None else found
     return {name: found[name] for name in select(found, checked)}
 
 
-def dropout_layers(model: nn.Module, pattern: Patterns = None) -> dict[str, nn.Module]:
+def dropout_layers(model: nn.Module, sites: Patterns = None) -> dict[str, nn.Module]:
     """The dropout modules of ``model`` (the sites that are modules), by qualified name.
 
     Dropout modules are this package's layers (DropConnect included), torch's
@@ -50,12 +50,12 @@ def dropout_layers(model: nn.Module, pattern: Patterns = None) -> dict[str, nn.M
 
     Args:
         model: the model (the root itself counts, under the name ``""``).
-        pattern: a glob (or list of globs) on qualified names; a pattern naming a module
+        sites: a glob (or list of globs) on qualified names; a glob naming a module
             selects every dropout module below it; None for all.
 
     Raises:
-        TypeError: ``pattern`` is not a string, a list of strings or None.
-        ValueError: ``pattern`` matches no dropout module (the message lists them).
+        TypeError: ``sites`` is not a string, a list of strings or None.
+        ValueError: ``sites`` matches no dropout module (the message lists them).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(), torch.nn.Dropout2d())
@@ -63,12 +63,12 @@ def dropout_layers(model: nn.Module, pattern: Patterns = None) -> dict[str, nn.M
         (['1', '2'], ['2'])
     """
     modules = {name: site.module for name, site in find_sites(model).items() if site.is_module}
-    names = select(modules, check_patterns("pattern", pattern), "dropout module")
+    names = select(modules, check_patterns("sites", sites), "dropout module")
     return {name: modules[name] for name in names}
 
 
-def set_dropout_p(model: nn.Module, p: float, pattern: Patterns = None) -> dict[str, DropoutSite]:
-    """Set the drop probability of the sites of ``model`` matching ``pattern``.
+def set_dropout_p(model: nn.Module, p: float, sites: Patterns = None) -> dict[str, DropoutSite]:
+    """Set the drop probability of the sites of ``model`` matching ``sites``.
 
     ``p`` is validated before any site changes. Sites whose rate is written in code
     cannot be set, and sites that learn their p (ConcreteDropout) are not set: both are
@@ -77,14 +77,14 @@ def set_dropout_p(model: nn.Module, p: float, pattern: Patterns = None) -> dict[
     Args:
         model: the model.
         p: the new drop probability in [0, 1].
-        pattern: a glob (or list of globs) on qualified site names, as in :func:`select_sites`.
+        sites: a glob (or list of globs) on qualified site names, as in :func:`select_sites`.
 
     Returns:
         The sites that were set, by name.
 
     Raises:
         TypeError: ``p`` is not a number.
-        ValueError: ``p`` outside [0, 1], ``pattern`` matches nothing, or no matched site
+        ValueError: ``p`` outside [0, 1], ``sites`` matches nothing, or no matched site
             can be set.
 
     Example:
@@ -93,10 +93,10 @@ def set_dropout_p(model: nn.Module, p: float, pattern: Patterns = None) -> dict[
         (['1'], 0.5, 0.1)
     """
     p = check_probability("p", p)
-    chosen = select_sites(model, pattern)
+    chosen = select_sites(model, sites)
     settable = {name: site for name, site in chosen.items() if site.settable and not site.learned}
     if not settable:
-        where = "" if pattern is None else f" matching {pattern!r}"
+        where = "" if sites is None else f" matching {sites!r}"
         raise ValueError(f"{type(model).__name__} has no dropout site{where} whose p can be set")
     fixed = [name for name, site in chosen.items() if not site.settable]
     if fixed:

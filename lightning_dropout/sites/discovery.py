@@ -48,7 +48,7 @@ _TORCH_KINDS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), "channel"),
     ((_DropoutNd,), "dropout"),
 )
-# Rate attributes a module named by DropoutScheduler(targets=...) may hold.
+# Rate attributes a module named by DropoutScheduler(extra_modules=...) may hold.
 GENERIC_RATE_ATTRIBUTES = ("p", "drop_prob", "prob", "drop_rate")
 
 _registered: dict[type[nn.Module], tuple[str, str]] = {}
@@ -118,7 +118,7 @@ def find_sites(model: nn.Module, include: ModuleFilter | None = None) -> dict[st
         model: the model (the root's own sites have names without a module prefix).
         include: also treat the modules it accepts (name, module) as dropout modules when
             they hold a rate in one of :data:`GENERIC_RATE_ATTRIBUTES`
-            (``DropoutScheduler(targets=...)`` passes its targets here).
+            (``DropoutScheduler(extra_modules=...)`` passes its extra_modules here).
 
     Example:
         >>> class Block(torch.nn.Module):

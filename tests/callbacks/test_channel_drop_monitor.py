@@ -61,6 +61,6 @@ def test_channels_first_reads_unbatched_inputs_as_the_layer_does() -> None:
 def test_arguments_are_validated() -> None:
     with pytest.raises(ValueError, match="every_n_steps"):
         ChannelDropMonitor(every_n_steps=0)
-    with pytest.raises(TypeError, match="layers"):
-        ChannelDropMonitor(layers=[2])  # type: ignore[list-item]
-    assert ChannelDropMonitor(layers="features.2").layer_patterns == ["features.2"]  # one glob
+    with pytest.raises(TypeError, match="sites"):
+        ChannelDropMonitor(sites=[2])  # type: ignore[list-item]
+    assert ChannelDropMonitor(sites="features.2").site_patterns == ["features.2"]  # one glob

@@ -181,7 +181,7 @@ def test_model_without_dropout_warns_once_and_trains(tmp_path: Path) -> None:
 
 
 def test_named_layers_measure_outputs_with_a_fixed_unit_subset(tmp_path: Path) -> None:
-    monitor = CoActivationMonitor(layers=["head.1", "features"], max_units=3, every_n_steps=1)
+    monitor = CoActivationMonitor(modules=["head.1", "features"], max_units=3, every_n_steps=1)
     trainer, _ = fit(tmp_path, [monitor], max_steps=2)
     acc = events(trainer.logger.log_dir)
     assert {"coactivation/head.1/decov", "coactivation/features/decov"} <= set(acc.Tags()["scalars"])
@@ -194,9 +194,9 @@ def test_named_layers_measure_outputs_with_a_fixed_unit_subset(tmp_path: Path) -
 
 def test_unknown_layer_names_raise_listing_what_exists(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown modules \['head.9'\].*'head.3'"):
-        fit(tmp_path, [CoActivationMonitor(layers=["head.9"])])
+        fit(tmp_path, [CoActivationMonitor(modules=["head.9"])])
     with pytest.raises(ValueError, match=r"'head.3' matches no channel-dropping module.*'features.2'"):
-        fit(tmp_path, [ChannelDropMonitor(layers=["head.3"])])
+        fit(tmp_path, [ChannelDropMonitor(sites=["head.3"])])
 
 
 def test_no_warning_in_a_plain_tensorboard_run(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ class DropPath(nn.Module):
 
 
 class RandomMask(nn.Module):
-    """Drops with a float ``p`` in a form no rule recognises: needs ``targets`` to be scheduled."""
+    """Drops with a float ``p`` in a form no rule recognises: needs ``extra_modules`` to be scheduled."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -124,7 +124,7 @@ def test_p_inside_training_step_is_the_schedule_at_the_global_step(tmp_path: Pat
     for step, _, rates in model.seen:
         for name in DEFAULT_SITES:
             assert rates[name] == resolved(step), (name, step)
-        assert rates["mask"] == 0.0  # a float p alone is driven only when targets name it
+        assert rates["mask"] == 0.0  # a float p alone is driven only when extra_modules name it
     assert model.loss_fn.p == 2.0
     assert {rates["encoder.1"] for _, _, rates in model.seen} >= {0.0, 0.4, 0.1}
 
@@ -157,7 +157,7 @@ def test_gradient_accumulation_indexes_by_optimizer_step(tmp_path: Path) -> None
     ]
 
 
-def test_groups_targets_and_logging(tmp_path: Path) -> None:
+def test_groups_extra_modules_and_logging(tmp_path: Path) -> None:
     logger, second_logger = MemoryLogger(), MemoryLogger()
     scheduler = DropoutScheduler(
         {
@@ -166,7 +166,7 @@ def test_groups_targets_and_logging(tmp_path: Path) -> None:
             "dep*": Curriculum(0.2, gamma=0.5),
             "mask": Constant(0.01),
         },
-        targets=["encoder.*", DropPath, "RandomMask"],
+        extra_modules=["encoder.*", DropPath, "RandomMask"],
     )
     model = Net()
     trainer = make_trainer(
@@ -178,7 +178,7 @@ def test_groups_targets_and_logging(tmp_path: Path) -> None:
         assert rates["encoder.1"] == rates["encoder.2"] == rates["encoder.3"] == encoder(step)
         assert rates["head.0"] == head(step)
         assert rates["depth"] == depth(step)
-        assert rates["mask"] == 0.01  # added by targets
+        assert rates["mask"] == 0.01  # added by extra_modules
     # Logged whenever the trainer logs its own metrics, at the same steps, to every logger.
     loss_steps = set(logger.steps_of("loss"))
     assert loss_steps == {1, 3, 5, 7}
@@ -343,9 +343,9 @@ def test_resuming_with_a_changed_schedule_warns(tmp_path: Path) -> None:
         (lambda: DropoutScheduler({"": Constant(0.1)}), ValueError, "schedule patterns"),
         (lambda: DropoutScheduler({"encoder": 0.1}), TypeError, r"schedule\['encoder'\]"),
         (lambda: DropoutScheduler(0.1), TypeError, "schedule"),
-        (lambda: DropoutScheduler(Constant(0.1), targets=[]), ValueError, "targets"),
-        (lambda: DropoutScheduler(Constant(0.1), targets=[3]), TypeError, "targets"),
-        (lambda: DropoutScheduler(Constant(0.1), targets=int), TypeError, "targets"),
+        (lambda: DropoutScheduler(Constant(0.1), extra_modules=[]), ValueError, "extra_modules"),
+        (lambda: DropoutScheduler(Constant(0.1), extra_modules=[3]), TypeError, "extra_modules"),
+        (lambda: DropoutScheduler(Constant(0.1), extra_modules=int), TypeError, "extra_modules"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(build, error, match) -> None:
@@ -358,8 +358,10 @@ def test_group_checks() -> None:
     encoder = net.encoder
     with pytest.raises(ValueError, match="pattern 'decoder' matches no dropout site"):
         DropoutScheduler({"encoder": Constant(0.1), "decoder": Constant(0.1)}).find_groups(net)
-    with pytest.raises(ValueError, match="targets entry 'decoder\\*' matches no module with a drop rate"):
-        DropoutScheduler(Constant(0.1), targets="decoder*").find_groups(net)
+    with pytest.raises(
+        ValueError, match="extra_modules entry 'decoder\\*' matches no module with a drop rate"
+    ):
+        DropoutScheduler(Constant(0.1), extra_modules="decoder*").find_groups(net)
     with pytest.raises(ValueError, match="no dropout site"):
         DropoutScheduler(Constant(0.1)).find_groups(nn.Linear(2, 2))
     # Equally specific for encoder.1: both match it at depth 2 with 5 literal characters.
@@ -376,12 +378,12 @@ def test_group_checks() -> None:
         "encoder.1": [encoder[1]],
         "*": [net.head[0], net.depth],
     }
-    # targets add to the default sites, by type or by class name (bases included).
-    by_type = DropoutScheduler(Constant(0.1), targets=RandomMask).find_groups(net)
+    # extra_modules add to the default sites, by type or by class name (bases included).
+    by_type = DropoutScheduler(Constant(0.1), extra_modules=RandomMask).find_groups(net)
     assert modules(by_type)["all"] == [encoder[1], encoder[2], encoder[3], net.head[0], net.depth, net.mask]
-    by_class_name = DropoutScheduler({"mask": Constant(0.1)}, targets="RandomMask").find_groups(net)
+    by_class_name = DropoutScheduler({"mask": Constant(0.1)}, extra_modules="RandomMask").find_groups(net)
     assert modules(by_class_name) == {"mask": [net.mask]}
-    by_base_class_name = DropoutScheduler({"mask": Constant(0.1)}, targets="Module").find_groups(net)
+    by_base_class_name = DropoutScheduler({"mask": Constant(0.1)}, extra_modules="Module").find_groups(net)
     assert modules(by_base_class_name) == {"mask": [net.mask]}
 
 

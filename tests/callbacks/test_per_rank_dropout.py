@@ -63,10 +63,11 @@ def test_arguments_are_validated() -> None:
         PerRankDropout(enabled="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="seed"):
         PerRankDropout(seed=1.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="sharded_sites"):
-        PerRankDropout(sharded_sites="blocks.*")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="sharded_sites"):
-        PerRankDropout(sharded_sites=[1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="sharded_modules"):
+        PerRankDropout(sharded_modules=[1])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="sharded_modules"):
+        PerRankDropout(sharded_modules=[""])
+    assert PerRankDropout(sharded_modules="blocks.*").sharded_modules == ["blocks.*"]
 
 
 def _fake_trainer(strategy_class: type) -> Any:
@@ -194,8 +195,8 @@ class ShardedSiteModel(OrderModel):
 
 def test_sharded_sites_are_hooked_during_fit_only(tmp_path: Path) -> None:
     model = ShardedSiteModel(0.5)
-    callback = PerRankDropout(sharded_sites=["net.1"])
+    callback = PerRankDropout(sharded_modules=["net.1"])
     _fit(tmp_path, model, [callback], epochs=1)
     assert model.hooked and not model.net[1]._forward_pre_hooks and callback.sharded is None
     with pytest.raises(ValueError, match="'net.9' matches no module"):
-        _fit(tmp_path / "typo", ShardedSiteModel(0.5), [PerRankDropout(sharded_sites=["net.9"])], epochs=1)
+        _fit(tmp_path / "typo", ShardedSiteModel(0.5), [PerRankDropout(sharded_modules=["net.9"])], epochs=1)

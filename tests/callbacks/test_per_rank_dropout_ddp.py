@@ -131,7 +131,7 @@ def _fit(
     if not enabled:
         callbacks.append(PerRankDropout(enabled=False))
     if monitored:
-        callbacks.append(CoActivationMonitor(layers=["net.1"], every_n_steps=1, log_images=False))
+        callbacks.append(CoActivationMonitor(modules=["net.1"], every_n_steps=1, log_images=False))
         callbacks.append(DropRateMonitor(every_n_steps=1))
     trainer = pl.Trainer(
         accelerator="cpu",

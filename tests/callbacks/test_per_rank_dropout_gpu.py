@@ -83,7 +83,7 @@ def _fit(out: Path, tag: str) -> None:
         devices=2,
         strategy=strategy,
         max_steps=STEPS,
-        callbacks=[PerRankDropout(sharded_sites=["sharded"])] if tensor_parallel else [],
+        callbacks=[PerRankDropout(sharded_modules=["sharded"])] if tensor_parallel else [],
         default_root_dir=out,
         logger=False,
         enable_checkpointing=False,

@@ -3,7 +3,7 @@
 Lightning's ModelParallelStrategy (FSDP2 over the "data_parallel" mesh dimension, tensor
 parallelism over "tensor_parallel") runs on CPU with gloo. Four processes are started
 once, as torchrun would start them, and each runs the fits: two epochs with the sites of
-sharded activations named in ``sharded_sites``, the same run stopped after one epoch of
+sharded activations named in ``sharded_modules``, the same run stopped after one epoch of
 two and resumed from its checkpoint, and one epoch with the mixin's default callback. Both rules
 hold at once: masks are shared within a tensor-parallel pair for replicated activations,
 differ across the pair for sharded ones, and differ across data-parallel ranks for both.
@@ -101,10 +101,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
     marked = ["sharded*"]
-    _fit(out / "full", "full", EPOCHS, [PerRankDropout(sharded_sites=marked)])
-    _fit(out / "half", "half", EPOCHS // 2, [PerRankDropout(sharded_sites=marked)])
+    _fit(out / "full", "full", EPOCHS, [PerRankDropout(sharded_modules=marked)])
+    _fit(out / "half", "half", EPOCHS // 2, [PerRankDropout(sharded_modules=marked)])
     last = str(out / "half" / "ckpt" / "last.ckpt")
-    _fit(out / "half", "resumed", EPOCHS, [PerRankDropout(sharded_sites=marked)], ckpt_path=last)
+    _fit(out / "half", "resumed", EPOCHS, [PerRankDropout(sharded_modules=marked)], ckpt_path=last)
     _fit(out / "default", "default", 1, [])  # the mixin adds PerRankDropout()
 
 

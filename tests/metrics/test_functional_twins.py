@@ -10,20 +10,20 @@ from lightning_dropout.metrics import (
     CoActivation,
     DropRate,
     channel_drop,
-    co_activation,
+    coactivation,
     drop_rate,
 )
 
 
-def test_co_activation_matches_the_metric() -> None:
+def test_coactivation_matches_the_metric() -> None:
     acts = torch.relu(torch.randn(64, 3, 4, 4))
     metric = CoActivation(num_units=3)
     metric.update(acts)
     expected = metric.compute()
-    for key, value in co_activation(acts).items():
+    for key, value in coactivation(acts).items():
         torch.testing.assert_close(value, expected[key], msg=key)
     with pytest.raises(ValueError, match="shape"):
-        co_activation(torch.ones(5))
+        coactivation(torch.ones(5))
 
 
 def test_channel_drop_matches_the_metric_and_validates_like_it() -> None:
