@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
@@ -73,7 +74,12 @@ def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
 
 
 def check_loggers(trainer: pl.Trainer, monitor: str) -> bool:
-    """Whether there is a logger to write to; warn once per run about what is skipped."""
+    """Whether there is a logger to write to; warn once per run about what is skipped.
+
+    ``fast_dev_run`` swaps the loggers for a DummyLogger: nothing to write, nothing to say.
+    """
+    if trainer.loggers and all(isinstance(logger, DummyLogger) for logger in trainer.loggers):
+        return False
     if not trainer.loggers:
         warn_once(
             trainer, "no-logger", f"{monitor}: the trainer has no logger; the dropout monitors do nothing."

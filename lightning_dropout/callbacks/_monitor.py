@@ -101,6 +101,10 @@ class StepMonitor(DropoutCallback):
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = check_every_n_steps(every_n_steps)
+        self._forget_run()
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self._interval = 1
         self._active = False
         self._last_step = -1

@@ -5,6 +5,12 @@ and some messages are said once per run however many callbacks notice. That shar
 lives on the first of the package's callbacks in ``trainer.callbacks`` (every callback of
 the package derives from :class:`DropoutCallback`), renewed for each new trainer, so no
 module keeps state of its own.
+
+A copy of a callback (``copy.deepcopy``, ``pickle``, ``ddp_spawn`` sending the trainer to
+its processes) is the callback as configured with its checkpoint state, at any point of
+its life: what ties it to the run its original is in (this shared state and its trainer,
+the model's modules and sites, hooks, metrics) is left out, and the copy rebuilds it in
+the next trainer it joins, as a fresh callback does.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -20,6 +27,8 @@ from lightning_dropout.sites import DropoutSite, find_sites
 
 # Multiline charts: title -> tag regexes (matched from the start of the tag).
 Charts = dict[str, list[str]]
+# Lightning sets these on every callback of a run: the LightningModule's bound methods.
+_LIGHTNING_TIES = frozenset({"log", "log_dict"})
 
 
 @dataclass
@@ -32,9 +41,33 @@ class RunState:
 
 
 class DropoutCallback(pl.Callback):
-    """Base of the package's callbacks (see the module doc)."""
+    """Base of the package's callbacks (see the module doc).
+
+    Subclasses set their per-run attributes in :meth:`_forget_run` (and call it from
+    ``__init__``), so that copies leave them out.
+
+    Example:
+        >>> import copy, pickle
+        >>> from lightning_dropout.callbacks import DropRateMonitor
+        >>> copy.deepcopy(DropRateMonitor(every_n_steps=5)).every_n_steps
+        5
+        >>> pickle.loads(pickle.dumps(DropRateMonitor(sites="encoder"))).site_patterns
+        ['encoder']
+    """
 
     _run_state: tuple[weakref.ref[pl.Trainer], RunState] | None = None
+
+    def _forget_run(self) -> None:
+        """Set the attributes that tie the callback to one run to a fresh callback's values."""
+        self._run_state = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        ties = _run_attributes(type(self))
+        return {name: value for name, value in self.__dict__.items() if name not in ties}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._forget_run()
 
     def check_modes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         """On each epoch's first training batch, warn about dropout sites left in eval mode.
@@ -46,6 +79,13 @@ class DropoutCallback(pl.Callback):
             trainer, f"check-modes-{trainer.current_epoch}-{trainer.global_step}"
         ):
             warn_sites_in_eval(trainer, find_sites(pl_module))
+
+
+def _run_attributes(cls: type[DropoutCallback]) -> frozenset[str]:
+    """The names :meth:`DropoutCallback._forget_run` sets on an instance of ``cls``."""
+    blank = cls.__new__(cls)
+    blank._forget_run()
+    return frozenset(vars(blank)) | _LIGHTNING_TIES
 
 
 def run_state(trainer: pl.Trainer) -> RunState:

@@ -72,6 +72,9 @@ class ChannelDropMonitor(StepMonitor):
         super().__init__(every_n_steps)
         sites = renamed_argument("ChannelDropMonitor", "layers", "sites", layers, sites)
         self.site_patterns = check_patterns("sites", sites)
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self.sites: dict[str, DropoutSite] = {}
         self._metrics: dict[str, ChannelDrop] = {}
 

@@ -159,6 +159,9 @@ class CoActivationMonitor(StepMonitor):
         self.max_units = check_positive_int("max_units", max_units)
         self.log_images = check_bool("log_images", log_images)
         self.image_interval = check_positive_int("image_interval", image_interval)
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self._sites: dict[str, DropoutSite] = {}
         self._modules: dict[str, nn.Module] = {}
         self._metrics: dict[str, CoActivation] = {}

@@ -100,6 +100,10 @@ class ConcreteDropoutRegularizer(DropoutCallback):
         self.weights = _check_weights(weights)
         self.length_scale = check_positive("length_scale", length_scale)
         self.precision = check_positive("precision", precision)
+        self._forget_run()
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self._pairs: list[tuple[ConcreteDropout, list[Tensor]]] = []
 
     @override

@@ -42,15 +42,17 @@ class DropRateMonitor(StepMonitor):
     are watched with hooks; dropout a module's code does with ``F.dropout`` (timm's heads,
     BART, transformers' eager attention) through a
     :class:`~lightning_dropout.sites.FunctionalProbe` open during the measured step only.
+    Attention dropout inside ``scaled_dot_product_attention`` (BERT, Llama, timm's fused
+    attention) is observed by evaluating those calls in math form on the measured steps,
+    with the same ``p`` (the attention matrix is then materialised, as in eager attention).
     For :class:`~lightning_dropout.GaussianDropout` the realised rate is the ``p`` whose
     noise variance ``p / (1 - p)`` matches the measured one. A
     :class:`~lightning_dropout.layers.DropCounter` (a layer with a
     ``drop_counts(input, output)`` method) counts its own drops (ConcreteDropout: relaxed
     drops past 1/2; EmbeddingDropout: distinct tokens dropped). Alpha dropout and DropConnect
-    hide their drops from the activations, and fused kernels (attention dropout inside
-    ``scaled_dot_product_attention``, ``nn.LSTM``'s between-layer dropout) hide their masks:
-    only ``p`` is logged for those, and the sites that dropped unseen are named once in a
-    warning. Rates are reduced over DDP ranks.
+    hide their drops from the activations, and fused kernels (``nn.LSTM``'s between-layer
+    dropout) hide their masks: only ``p`` is logged for those, and the sites that dropped
+    unseen are named once in a warning. Rates are reduced over DDP ranks.
 
     Args:
         every_n_steps: measure every this many optimizer steps; None uses the trainer's
@@ -71,6 +73,9 @@ class DropRateMonitor(StepMonitor):
     def __init__(self, every_n_steps: int | None = None, sites: str | Sequence[str] | None = None) -> None:
         super().__init__(every_n_steps)
         self.site_patterns = check_patterns("sites", sites)
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self.sites: dict[str, DropoutSite] = {}
         self._rates: dict[str, DropRate] = {}
         self._p_used: dict[str, float] = {}  # the p of the measured forward, not a later one
@@ -158,7 +163,7 @@ class DropRateMonitor(StepMonitor):
             rank_zero_warn(
                 "DropRateMonitor logs only p for these dropout sites: their drops are not zeros of "
                 "the activations (alpha dropout, DropConnect), happen inside fused kernels "
-                f"(scaled_dot_product_attention, nn.LSTM, LayerDrop) or were not reached: {unseen}"
+                f"(nn.LSTM) or were not reached (LayerDrop, a skipped branch): {unseen}"
             )
         self._p_used.clear()
         _dashboard.log_scalars(trainer, scalars, step)

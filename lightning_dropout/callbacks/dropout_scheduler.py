@@ -76,7 +76,9 @@ class DropoutScheduler(DropoutCallback):
 
     A Trainer may hold several schedulers (say one on steps for the attention, one on
     epochs for the rest) as long as no site belongs to two of them; each keeps its own
-    checkpoint state.
+    checkpoint state, found again on resume by its groups and interval. Resuming from a
+    checkpoint written by a scheduler of other groups or another interval is an error
+    naming both, unless ``restart=True`` says to start this scheduler anew.
 
     Args:
         schedule: a schedule, or a non-empty mapping from site patterns to schedules.
@@ -90,6 +92,10 @@ class DropoutScheduler(DropoutCallback):
             ``trainer.current_epoch``).
         depth_profile: keep the built proportions between a group's drop-path sites
             (True), or set them all to the schedule's value (False).
+        restart: on resume, take nothing from the checkpoint's scheduler state: fractional
+            lengths resolve against the resumed run and drop-path profiles are read from
+            the model as loaded. The index stays ``trainer.global_step`` (or
+            ``current_epoch``). Needed to resume with other groups or another interval.
         targets: the deprecated name of ``extra_modules``.
 
     Raises:
@@ -101,7 +107,9 @@ class DropoutScheduler(DropoutCallback):
             ``extra_modules`` entry matching nothing, two equally specific patterns for one site,
             a group taking in a site whose p is learned (ConcreteDropout), fractional lengths
             in a run of unknown length, or a site that another ``DropoutScheduler`` of the
-            same Trainer schedules too.
+            same Trainer schedules too. On resume: the checkpoint holds the state of a
+            scheduler with other groups or interval that no scheduler of the Trainer takes
+            (pass ``restart=True`` to start anew).
 
     Example:
         >>> from lightning_dropout.schedules import Constant, Linear
@@ -115,6 +123,7 @@ class DropoutScheduler(DropoutCallback):
         extra_modules: Target | list[Target] | None = None,
         interval: str = "step",
         depth_profile: bool = True,
+        restart: bool = False,
         *,
         targets: Target | list[Target] | None = None,
     ) -> None:
@@ -125,14 +134,19 @@ class DropoutScheduler(DropoutCallback):
         self.extra_modules = check_extra_modules(extra_modules)
         self.interval = check_choice("interval", interval, INTERVALS)
         self.depth_profile = check_bool("depth_profile", depth_profile)
+        self.restart = check_bool("restart", restart)
         self._single = isinstance(schedule, Schedule)
-        self._groups: dict[str, list[DropoutSite]] = {}
-        self._resolved: dict[str, Schedule] = {}
         self._total: int | None = None
         self._restored: dict[str, Any] | None = None
         # Site name -> its share of the group's p (drop-path depth profiles), kept across
         # fits and checkpoints: once scheduled, the model no longer shows the built rates.
         self._shares: dict[str, float] = {}
+        self._forget_run()
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
+        self._groups: dict[str, list[DropoutSite]] = {}
+        self._resolved: dict[str, Schedule] = {}
         self._plan: list[tuple[str, Any, str, float]] = []  # (group, holder, attribute, share)
 
     def __repr__(self) -> str:
@@ -140,7 +154,8 @@ class DropoutScheduler(DropoutCallback):
         extra = "" if self.extra_modules is None else f", extra_modules={self.extra_modules!r}"
         interval = "" if self.interval == "step" else f", interval={self.interval!r}"
         profile = "" if self.depth_profile else ", depth_profile=False"
-        return f"{type(self).__name__}({schedule!r}{extra}{interval}{profile})"
+        restart = ", restart=True" if self.restart else ""
+        return f"{type(self).__name__}({schedule!r}{extra}{interval}{profile}{restart})"
 
     @property
     @override
@@ -238,17 +253,36 @@ class DropoutScheduler(DropoutCallback):
                     )
         report_sites(trainer, pl_module)
 
-    def _run_length(self, trainer: pl.Trainer) -> int:
+    def _run_length(self, trainer: pl.Trainer) -> int | None:
+        """The run's length in intervals; None for a run that trains on no batch (nothing
+        to schedule: ``max_steps=0``, ``max_epochs=0``, ``limit_train_batches=0``).
+
+        Raises:
+            ValueError: the length is unknown (the message names what to set).
+        """
+        if 0 in (trainer.max_steps, trainer.max_epochs, trainer.limit_train_batches):
+            return None
+        unknown = "schedule lengths are fractions of the run, but the run's length in {} is unknown: {}"
         if self.interval == "epoch":
-            total: float = trainer.max_epochs if trainer.max_epochs is not None else -1
-        else:
-            total = trainer.estimated_stepping_batches
-        if not (total >= 1 and total != float("inf")):
+            if trainer.max_epochs is not None and trainer.max_epochs > 0:
+                return trainer.max_epochs
             raise ValueError(
-                f"schedule lengths are fractions of the run, but the run's length in {self.interval}s "
-                f"is unknown ({total}); set max_steps or max_epochs, or give lengths as ints"
+                unknown.format(
+                    "epochs",
+                    f"the Trainer has max_epochs={trainer.max_epochs} (max_steps counts steps, not "
+                    "epochs); set max_epochs, or give lengths as ints",
+                )
             )
-        return int(total)
+        total = trainer.estimated_stepping_batches
+        if total == 0:
+            return None  # an empty train dataloader
+        if 1 <= total < float("inf"):
+            return int(total)
+        if trainer.max_epochs == -1:
+            reason = "the Trainer has max_steps=-1 and max_epochs=-1; set max_steps or max_epochs"
+        else:
+            reason = "the train dataloader has no length; set max_steps"
+        raise ValueError(unknown.format("steps", f"{reason}, or give lengths as ints"))
 
     @override
     def on_train_batch_start(
@@ -305,13 +339,40 @@ class DropoutScheduler(DropoutCallback):
         }
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved: dict[str, Any] = checkpoint.get("callbacks") or {}
+        if self.restart or self.state_key in saved:
+            return
+        taken = {c.state_key for c in getattr(trainer, "callbacks", []) if isinstance(c, DropoutScheduler)}
+        prefix = f"{type(self).__qualname__}{{"
+        orphans = [state for key, state in saved.items() if key.startswith(prefix) and key not in taken]
+        if orphans:
+            written = "; ".join(_describe(state) for state in orphans)
+            raise ValueError(
+                f"{self!r} resumes from a checkpoint written by a DropoutScheduler of other groups or "
+                f"interval ({written}); this one has groups {list(self.schedules)} (interval "
+                f"{self.interval!r}). Give the checkpoint's groups and interval to continue its "
+                "schedule, or pass restart=True to start this scheduler anew (its run length and "
+                "drop-path profile then come from the resumed run)."
+            )
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.restart:
+            return
         self._total = state_dict.get("total")
         self._shares = dict(state_dict.get("shares", {}))
         self._restored = {"interval": state_dict.get("interval"), "schedules": state_dict.get("schedules")}
 
     def _schedule_reprs(self) -> dict[str, str]:
         return {group: repr(s) for group, s in self.schedules.items()}
+
+
+def _describe(state: Mapping[str, Any]) -> str:
+    """A saved scheduler state's groups and interval, for messages."""
+    return f"groups {list(state.get('schedules') or {})}, interval {state.get('interval')!r}"
 
 
 def depth_shares(groups: dict[str, list[DropoutSite]]) -> dict[str, float]:

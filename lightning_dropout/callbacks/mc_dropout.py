@@ -237,16 +237,21 @@ class MCDropout(DropoutCallback):
         if calibration_dataloader_idx is not None:
             check_int("calibration_dataloader_idx", calibration_dataloader_idx, minimum=0)
         self.calibration_dataloader_idx = calibration_dataloader_idx
+        self._masks_seed = seed
+        self._said: set[str] = set()
+        # Checkpoint state: what calibration fitted (kept in copies).
+        self._fitted: dict[str, float] = {}
+        self._forget_run()
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
         self._restore: dict[str, Callable[[], None]] = {}
         self._forward_calls = 0
         self._passes: MCPasses | None = None
-        self._masks_seed = seed
         self._evaluation: MCEvaluation | None = None
         self._captured: _Captured | None = None
         self._collected: _Collected | None = None
-        self._fitted: dict[str, float] = {}
         self._pair_output = False
-        self._said: set[str] = set()
 
     # -- state ------------------------------------------------------------------------------
 

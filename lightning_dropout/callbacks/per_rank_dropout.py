@@ -122,11 +122,21 @@ class PerRankDropout(DropoutCallback):
         self.enabled = check_bool("enabled", enabled)
         self.seed = check_seed("seed", seed)
         self.sharded_modules = check_patterns("sharded_modules", sharded_modules) or []
+        self._loaded_state: dict[str, int] = {}
+        self._forget_run()
+
+    def _forget_run(self) -> None:
+        super()._forget_run()
+        # The streams hold the process's global generators: a copy keeps their state only.
         self.streams: RankStreams | None = None
         self.sharded: ShardedSites | None = None
         self._tensor_rank: int | None = None  # set by setup when the callback is active
         self._devices: list[torch.device] = []
-        self._loaded_state: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_loaded_state"] = self.state_dict()  # a copy continues the streams
+        return state
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -17,8 +17,12 @@ What is recognised as a dropping call (by the called name, so ``F.dropout``,
   interfaces, flash attention).
 
 A rate held in a local variable (``dropout_p = self.p if self.training else 0.0``) is
-followed to its assignments in the same method. Code outside the class (a free function
-the class calls with a rate that is not an argument) is not read.
+followed to its assignments in the same method. A call through a name the method binds
+itself (an argument, a loop variable, ``dropout = self.lora_dropout[name]`` in peft's LoRA
+layers) calls what that name holds, a module most often: it counts as a dropout function
+only when the name is assigned one (``dropout = F.dropout``); given a ``dropout=`` keyword
+it is an attention interface as above. Code outside the class (a free
+function the class calls with a rate that is not an argument) is not read.
 """
 
 from __future__ import annotations
@@ -191,8 +195,11 @@ def _read_method(
         return
     self_name = arguments[0].arg
     assignments = _local_assignments(method)
+    local_names = _bound_names(method)
     for node in ast.walk(method):
         if not isinstance(node, ast.Call) or _calls_own_member(node, self_name):
+            continue
+        if _names_drop_function(node.func) and _calls_local_object(node, local_names, assignments):
             continue
         found = _rate_argument(node)
         if found is None:
@@ -214,6 +221,33 @@ def _calls_own_member(call: ast.Call, self_name: str) -> bool:
     """``self.dropout(x)``: a submodule or method call, not a dropout function."""
     func = call.func
     return isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == self_name
+
+
+def _bound_names(method: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """The names ``method`` binds itself: its arguments and every name it stores to."""
+    arguments = method.args
+    names = {a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)}
+    names.update(a.arg for a in (arguments.vararg, arguments.kwarg) if a is not None)
+    names.update(
+        node.id for node in ast.walk(method) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+    )
+    return names
+
+
+def _calls_local_object(call: ast.Call, local_names: set[str], assigned: dict[str, list[ast.expr]]) -> bool:
+    """``dropout(x)`` where ``dropout`` is bound in the method to something other than a
+    dropout function (``dropout = self.lora_dropout[name]``): a module or a callable
+    argument, not a call of the dropout function of that name."""
+    if not isinstance(call.func, ast.Name) or call.func.id not in local_names:
+        return False
+    values = assigned.get(call.func.id, [])
+    return not values or not all(_names_drop_function(value) for value in values)
+
+
+def _names_drop_function(expression: ast.expr) -> bool:
+    """``F.dropout``, ``torch.nn.functional.dropout2d``, ``drop_path``: a dropping function."""
+    name = expression.attr if isinstance(expression, ast.Attribute) else getattr(expression, "id", None)
+    return name in DROP_FUNCTIONS or name == _ATTENTION_FUNCTION
 
 
 def _called_name(call: ast.Call) -> str | None:

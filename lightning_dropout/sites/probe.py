@@ -7,8 +7,16 @@ heads and BART's layers, transformers' eager attention) has no module of its own
 handed every torch function call, and global forward hooks keep the stack of running
 modules, so a call is attributed to the innermost running module and, among that
 module's sites, to the one whose rate equals the ``p`` the call received (sites with
-equal rates share the observation). Dropout inside fused kernels
-(``scaled_dot_product_attention``, ``nn.LSTM``) is invisible here by nature.
+equal rates share the observation).
+
+``scaled_dot_product_attention`` drops attention probabilities inside its fused kernel,
+where no mask can be seen. A call with ``dropout_p > 0`` made for a watched site is
+therefore evaluated in math form while the probe is open (:func:`attention_in_math_form`:
+torch's reference computation, softmax of the scaled scores, dropout with the same ``p``,
+times the values), whose dropout is observed like any other. The result has the fused
+kernel's distribution and gradients, with other random numbers; it holds the
+``[..., L, S]`` attention matrix, as eager attention does. Dropout inside ``nn.LSTM``'s
+kernel stays invisible.
 
 Every torch call while the probe is open goes through Python, so open it only for the
 steps you measure.
@@ -16,6 +24,7 @@ steps you measure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,6 +77,58 @@ def dropping_p(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
     else:
         return None
     return float(p) if isinstance(p, (int, float)) and p > 0 else None
+
+
+def _attention_arguments(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, float, bool, float | None, bool]:
+    """``scaled_dot_product_attention``'s arguments, bound by its signature."""
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+def attention_in_math_form(
+    args: tuple[Any, ...], kwargs: dict[str, Any], dropout: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``scaled_dot_product_attention(*args, **kwargs)`` computed as torch documents it, with
+    the attention probabilities dropped by ``dropout(probs)`` instead of inside a kernel.
+
+    Rows that mask every key give zeros, as torch's kernels do.
+
+    Example:
+        >>> q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+        >>> fused = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> math_form = attention_in_math_form((q, k, v), {"is_causal": True}, lambda probs: probs)
+        >>> torch.allclose(fused, math_form, atol=1e-6)
+        True
+    """
+    query, key, value, mask, _, is_causal, scale, enable_gqa = _attention_arguments(*args, **kwargs)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    allowed: Tensor | None = None
+    if is_causal:
+        length, keys = query.shape[-2], key.shape[-2]
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril()
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = mask if allowed is None else allowed & mask
+        else:
+            scores = scores + mask
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    # A row masking every key: zeros, with zero gradients rather than NaN.
+    blocked = scores.isneginf().all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(blocked, 0.0), dim=-1).masked_fill(blocked, 0.0)
+    return dropout(probs) @ value
 
 
 class RunningModules:
@@ -209,13 +270,32 @@ class _DropCallMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        # Attention dropout happens inside the fused kernel, and alpha dropout sets no zeros:
-        # nothing to observe there.
-        seen = func in DROP_CALLS and not DROP_CALLS[func][2]
+        # Alpha dropout sets no zeros: nothing to observe there.
+        attention = func is F.scaled_dot_product_attention
+        seen = attention or (func in DROP_CALLS and not DROP_CALLS[func][2])
         p = dropping_p(func, args, kwargs) if seen else None
-        if p is None:
+        sites = self.probe.sites_for(p) if p is not None else []
+        if not sites:
             return func(*args, **kwargs)
-        finishes = [self.probe.observe(site, args[0]) for site in self.probe.sites_for(p)]
+        if attention:
+            if any(isinstance(a, Tensor) and a.is_nested for a in args[:3]):
+                return func(*args, **kwargs)  # no math form for nested tensors
+            rate = p
+
+            def drop(probs: Tensor) -> Tensor:
+                return self._observed(sites, torch.dropout, (probs, rate, True), {})
+
+            return attention_in_math_form(args, kwargs, drop)
+        return self._observed(sites, func, args, kwargs)
+
+    def _observed(
+        self,
+        sites: list[DropoutSite],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        finishes = [self.probe.observe(site, args[0]) for site in sites]
         out = func(*args, **kwargs)
         for finish in finishes:
             if finish is not None:
@@ -223,4 +303,12 @@ class _DropCallMode(TorchFunctionMode):
         return out
 
 
-__all__ = ["DROP_CALLS", "FunctionalProbe", "Observer", "RunningModules", "dropping_p", "function_sites"]
+__all__ = [
+    "DROP_CALLS",
+    "FunctionalProbe",
+    "Observer",
+    "RunningModules",
+    "attention_in_math_form",
+    "dropping_p",
+    "function_sites",
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,19 +153,31 @@ def assert_near(values: list[float], p: float, count: int) -> None:
         assert abs(value - p) <= SIGMAS * math.sqrt(p * (1 - p) / count), (value, p)
 
 
-def test_realised_rates_of_functional_dropout_and_named_unseen_sites(tmp_path: Path) -> None:
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_realised_rates_of_attention_dropout_eager_and_inside_sdpa(tmp_path: Path, attention: str) -> None:
     batches = token_batches("bert", (12, 12))
-    eager, sdpa = MemoryLogger(), MemoryLogger()
-    fit(tmp_path / "e", hf("bert", "eager"), batches, [DropRateMonitor(every_n_steps=1)], logger=eager)
-    attention = "net.model.bert.encoder.layer.0.attention.self.dropout"
-    # Eager attention drops its probabilities with F.dropout inside the attention's code:
-    # 4 sequences x 2 heads x 12 x 12 probabilities per step.
-    assert_near(realised(eager, attention), 0.1, 4 * 2 * 12 * 12)
-    assert_near(realised(eager, "net.model.bert.encoder.layer.1.output.dropout"), 0.1, 4 * 12 * 32)
-    with pytest.warns(UserWarning, match=r"logs only p for these dropout sites.*attention\.self\.dropout"):
-        fit(tmp_path / "s", hf("bert", "sdpa"), batches, [DropRateMonitor(every_n_steps=1)], logger=sdpa)
-    assert realised(sdpa, attention) == []  # inside scaled_dot_product_attention
-    assert list(sdpa.steps_of(f"dropout/{attention}/p").values()) == [0.1, 0.1]
+    logger = MemoryLogger()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*logs only p")
+        fit(tmp_path, hf("bert", attention), batches, [DropRateMonitor(every_n_steps=1)], logger=logger)
+    site = "net.model.bert.encoder.layer.0.attention.self.dropout"
+    # Eager attention drops its probabilities with F.dropout inside the attention's code;
+    # scaled_dot_product_attention is evaluated in math form on the measured steps:
+    # 4 sequences x 2 heads x 12 x 12 probabilities per step either way.
+    assert_near(realised(logger, site), 0.1, 4 * 2 * 12 * 12)
+    assert len(realised(logger, site)) == 2
+    assert list(logger.steps_of(f"dropout/{site}/p").values()) == [0.1, 0.1]
+    assert_near(realised(logger, "net.model.bert.encoder.layer.1.output.dropout"), 0.1, 4 * 12 * 32)
+
+
+def test_sites_dropping_inside_fused_kernels_are_named_once(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Wrapped(nn.LSTM(8, 8, num_layers=2, dropout=0.3, batch_first=True))
+    model.forward = lambda x: model.net(x)[0]  # type: ignore[method-assign]
+    batches = [torch.randn(4, 6, 8) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"logs only p for these dropout sites.*net\.dropout") as record:
+        fit(tmp_path, model, batches, [DropRateMonitor(every_n_steps=1)], logger=MemoryLogger())
+    assert sum("logs only p" in str(w.message) for w in record) == 1
 
 
 def test_realised_rates_of_float_rates_read_in_forward(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
 from lightning_dropout.sites import FunctionalProbe, find_sites
+from lightning_dropout.sites.probe import attention_in_math_form
 
 
 class Layer(nn.Module):
@@ -64,3 +65,74 @@ def test_the_output_is_unchanged_and_nothing_stays_installed() -> None:
     assert not _get_current_function_mode_stack()
     assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
     probe.remove()  # idempotent
+
+
+ATTENTION_FORMS = {
+    "plain": ((), {}),
+    "causal": ((), {"is_causal": True}),
+    "scale": ((), {"scale": 0.3}),
+    "bool mask, one row fully masked": ((), {"attn_mask": "bool"}),
+    "float mask": ((), {"attn_mask": "float"}),
+    "grouped heads": ((), {"enable_gqa": True}),
+    "positional": ((None, 0.0, True), {}),
+}
+
+
+@pytest.mark.parametrize("form", list(ATTENTION_FORMS))
+def test_attention_in_math_form_matches_the_fused_kernel_values_and_gradients(form: str) -> None:
+    extra, kwargs = ATTENTION_FORMS[form]
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, 4, 5, 8)
+    q, k, v = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3))
+    if kwargs.get("enable_gqa"):
+        k, v = k[:, :2], v[:, :2]
+    if kwargs.get("attn_mask") == "bool":
+        mask = torch.rand(2, 1, 5, 5, generator=generator) > 0.3
+        mask[0, 0, 1] = False  # a query that may attend to nothing: zeros, as the kernels give
+        kwargs = {"attn_mask": mask}
+    elif kwargs.get("attn_mask") == "float":
+        kwargs = {"attn_mask": torch.randn(2, 1, 5, 5, generator=generator, dtype=torch.float64)}
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    fused = F.scaled_dot_product_attention(*inputs, *extra, **kwargs)
+    fused_grads = torch.autograd.grad(fused.sum(), inputs)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    math_form = attention_in_math_form((*inputs, *extra), kwargs, lambda probs: probs)
+    math_grads = torch.autograd.grad(math_form.sum(), inputs)
+    torch.testing.assert_close(math_form, fused)
+    for got, expected in zip(math_grads, fused_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+        assert got.isfinite().all()
+
+
+class Attention(nn.Module):
+    """Attention dropout inside scaled_dot_product_attention at a rate of its own."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.attention_dropout = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        p = self.attention_dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+
+def test_attention_dropout_inside_sdpa_is_observed_in_math_form_with_the_same_p() -> None:
+    model = Attention(0.3)
+    q = torch.randn(4, 2, 16, 8)
+    counts: list[tuple[int, int]] = []
+
+    def observe(site: object, probs: torch.Tensor) -> object:
+        return lambda out: counts.append((int(out.eq(0).sum()), probs.numel()))
+
+    with FunctionalProbe(find_sites(model), observe):  # type: ignore[arg-type]
+        out = model(q)
+    ((dropped, total),) = counts
+    assert total == 4 * 2 * 16 * 16  # the attention probabilities
+    sigma = (0.3 * 0.7 / total) ** 0.5
+    assert abs(dropped / total - 0.3) <= 5 * sigma
+    assert out.shape == q.shape
+    with FunctionalProbe(find_sites(model.eval()), observe):  # type: ignore[arg-type]
+        model(q)  # p = 0: the fused kernel runs, nothing to observe
+    assert len(counts) == 1
