@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_dropout._validation import check_probability
+from lightning_dropout.kernels.reference import keep_scale
 
 
 def check_floating(x: Tensor, name: str = "input") -> None:
@@ -119,21 +120,6 @@ def transforms_active() -> bool:
     needs.
     """
     return bool(torch._C._are_functorch_transforms_active())
-
-
-def keep_scale(p: float | Tensor, inverted: bool = True) -> float | Tensor:
-    """The factor of kept entries: ``1 / (1 - p)`` (inverted) or 1; 0, not inf, at a tensor
-    ``p = 1`` (where nothing is kept), so that no NaN reaches a gradient.
-
-    Example:
-        >>> keep_scale(0.75), keep_scale(torch.tensor(1.0))
-        (4.0, tensor(0.))
-    """
-    if not inverted:
-        return 1.0
-    if isinstance(p, Tensor):
-        return torch.where(p < 1.0, 1.0 / (1.0 - p), 0.0)
-    return 1.0 / (1.0 - p)
 
 
 def keep_mask(shape: tuple[int, ...], p: float | Tensor, like: Tensor) -> Tensor:

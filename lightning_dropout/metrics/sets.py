@@ -4,37 +4,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_dropout.calibration import set_coverage, set_size
+from lightning_dropout.metrics.uncertainty import _MeanOf
 
 
-class _SetMean(Metric):
-    full_state_update = False
-    is_differentiable = False
-
-    total: Tensor
-    count: Tensor
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def _add(self, mean: Tensor, rows: int) -> None:
-        if rows == 0:  # the mean of no rows is NaN
-            return
-        self.total += mean.double() * rows
-        self.count += rows
-
-    def compute(self) -> Tensor:
-        """The mean over every input seen (NaN before any update)."""
-        return self.total / self.count
-
-
-class SetCoverage(_SetMean):
+class SetCoverage(_MeanOf):
     """The fraction of inputs whose prediction set holds their class.
 
     Example:
@@ -48,10 +24,10 @@ class SetCoverage(_SetMean):
 
     def update(self, sets: Tensor, target: Tensor) -> None:
         """Add boolean sets ``[N, C]`` with their classes ``[N]``."""
-        self._add(set_coverage(sets, target), sets.shape[0])
+        self._add_mean(set_coverage(sets, target), sets.shape[0])
 
 
-class SetSize(_SetMean):
+class SetSize(_MeanOf):
     """The mean number of classes per prediction set.
 
     Example:
@@ -65,7 +41,7 @@ class SetSize(_SetMean):
 
     def update(self, sets: Tensor) -> None:
         """Add boolean sets ``[N, C]``."""
-        self._add(set_size(sets), sets.shape[0])
+        self._add_mean(set_size(sets), sets.shape[0])
 
 
 __all__ = ["SetCoverage", "SetSize"]

@@ -115,6 +115,12 @@ class _MeanOf(Metric):
         self.total += values.double().sum()
         self.count += values.numel()
 
+    def _add_mean(self, mean: Tensor, count: int) -> None:
+        """Add ``count`` items whose values average ``mean``."""
+        if count:  # the mean of no items is NaN
+            self.total += mean.double() * count
+            self.count += count
+
     def compute(self) -> Tensor:
         """The mean (NaN before any update)."""
         return self.total / self.count
