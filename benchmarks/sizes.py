@@ -26,7 +26,7 @@ from lightning_dropout.kernels import _cpu, reference
 Run = Callable[[Tensor], Tensor]
 
 
-def _rules(p: float) -> dict[str, tuple[Callable[[int], tuple[int, ...]], Run, Run, Run]]:
+def _rules(p: float) -> dict[str, tuple[Callable[[int], tuple[int, ...]], Run | None, Run, Run]]:
     scale, sigma = 1.0 / (1.0 - p), math.sqrt(p / (1.0 - p))
     return {
         "elements": (
@@ -37,7 +37,7 @@ def _rules(p: float) -> dict[str, tuple[Callable[[int], tuple[int, ...]], Run, R
         ),
         "channels": (
             lambda n: (max(1, n // 4096), 64, 64) if n >= 4096 else (1, 64, max(1, n // 64)),
-            lambda x: _cpu.dropout(x, p, scale, channels=True),
+            None,  # no channel kernel: torch ops win at every size (results/sizes.md)
             lambda x: reference.channel_dropout(x, p),
             nn.Dropout1d(p),
         ),
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for rule, (shape_of, *runs) in _rules(args.p).items():
         for n in sizes:
-            named = dict(zip(("kernels", "torch ops", "torch layer"), runs, strict=True))
+            labelled = zip(("kernels", "torch ops", "torch layer"), runs, strict=True)
+            named = {label: run for label, run in labelled if run is not None}
             us = measure(n, shape_of(n), named, args.repeats)
             rows.append({"rule": rule, "numel": n, "shape": shape_of(n), **us})
             print(rows[-1], flush=True)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         "| rule | elements | shape | kernels us | torch ops us | torch layer us |",
         "|---|---:|---|---:|---:|---:|",
         *(
-            f"| {r['rule']} | {r['numel']} | {'x'.join(map(str, r['shape']))} | {r['kernels']} | "
+            f"| {r['rule']} | {r['numel']} | {'x'.join(map(str, r['shape']))} | {r.get('kernels', '-')} | "
             f"{r['torch ops']} | {r['torch layer']} |"
             for r in rows
         ),

@@ -11,9 +11,10 @@ return themselves) or a 0-d tensor in [0, 1] (compiled layers: never read on the
 a new value recompiles nothing). CUDA tensors (fp32, bf16, fp16) go to the Triton kernels
 of :mod:`.triton_dropout` when Triton imports, with either kind of p, unless the call is
 in place: they keep no mask for backward. CPU float32 / float64 tensors with a float p go
-to the numba kernels of :mod:`._cpu` from the sizes at which they beat torch ops
-(``CPU_MIN_NUMEL*``, measured by ``python -m benchmarks.sizes``). The rest takes the
-reference path, torch ops only.
+to the numba kernels of :mod:`._cpu` for element dropout and Gaussian noise from the sizes
+at which they beat torch ops (``CPU_MIN_NUMEL*``, measured by ``python -m
+benchmarks.sizes``). The rest takes the reference path, torch ops only: channel dropout
+always, since torch's one broadcast multiply over two threads beats a serial pass.
 """
 
 from __future__ import annotations
@@ -68,7 +69,6 @@ def _fits_triton(x: Tensor) -> bool:
 # fixed cost (an autograd Function, a key, array views: some 50 us on 2 cores) exceeds what
 # it saves. The Gaussian pass saves only the arithmetic passes after torch's ``randn``.
 CPU_MIN_NUMEL = 1 << 14
-CPU_MIN_NUMEL_CHANNELS = 1 << 20
 CPU_MIN_NUMEL_GAUSSIAN = 1 << 20
 
 
@@ -103,11 +103,12 @@ def _bernoulli(x: Tensor, p: float | Tensor, inverted: bool, inplace: bool, chan
     if triton_kernels is not None and not inplace and _fits_triton(x):
         on_triton = triton_kernels.channel_dropout if channels else triton_kernels.dropout
         return on_triton(x, p, inverted)
-    if _cpu_fast(x, p, CPU_MIN_NUMEL_CHANNELS if channels else CPU_MIN_NUMEL):
+    if channels:
+        return reference.channel_dropout(x, p, inverted, inplace)
+    if _cpu_fast(x, p, CPU_MIN_NUMEL):
         assert not isinstance(p, Tensor)
-        return _cpu.dropout(x, p, reference.keep_scale(p, inverted), channels, inplace)
-    exact = reference.channel_dropout if channels else reference.dropout
-    return exact(x, p, inverted, inplace)
+        return _cpu.dropout(x, p, reference.keep_scale(p, inverted), inplace)
+    return reference.dropout(x, p, inverted, inplace)
 
 
 def gaussian_noise(x: Tensor, p: float | Tensor) -> Tensor:

@@ -113,8 +113,8 @@ def _scalar(scale: float, like: Tensor) -> Any:
 
 
 def apply_keep(x: Tensor, keep: Tensor, scale: float) -> Tensor:
-    """``x * scale`` where ``keep`` (bool: ``x``'s shape, or its leading dims then ones) is
-    True, exactly 0 elsewhere (an infinite or NaN ``x`` too), laid out as ``x``."""
+    """``x * scale`` where ``keep`` (bool, ``x``'s shape) is True, exactly 0 elsewhere (an
+    infinite or NaN ``x`` too), laid out as ``x``."""
     kernels = numba_kernels()
     if kernels is None or x.dtype not in _DTYPES or x.device.type != "cpu":
         return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
@@ -122,9 +122,6 @@ def apply_keep(x: Tensor, keep: Tensor, scale: float) -> Tensor:
     arrays = _flat_arrays(x, keep, out)
     if arrays is not None:
         kernels.apply_elements(arrays[0], arrays[1], _scalar(scale, x), arrays[2])
-    elif keep.shape != x.shape and x.is_contiguous() and keep.is_contiguous() and keep.numel():
-        rows = (keep.numel(), x.numel() // keep.numel())
-        kernels.apply_rows(_np(x.view(rows)), _np(keep.view(-1)), _scalar(scale, x), _np(out.view(rows)))
     else:
         return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
     return out
@@ -161,27 +158,21 @@ class _ApplyKeep(torch.autograd.Function):
         return _ApplyKeep.apply(x, keep, scale), 0
 
 
-def _mask_shape(x: Tensor, channels: bool) -> tuple[int, ...]:
-    return (*x.shape[:2], *[1] * (x.dim() - 2)) if channels else tuple(x.shape)
-
-
 class _Dropout(torch.autograd.Function):
-    """Element or channel dropout: the mask drawn in forward from the stream ``key`` (a 0-d
-    int64 tensor drawn outside, so that vmap sees the randomness) and kept for backward."""
+    """Element dropout: the mask drawn in forward from the stream ``key`` (a 0-d int64
+    tensor drawn outside, so that vmap sees the randomness) and kept for backward."""
 
     @staticmethod
-    def forward(x: Tensor, key: Tensor, p: float, scale: float, channels: bool) -> tuple[Tensor, Tensor]:
-        if channels:
-            keep = keep_mask(_mask_shape(x, channels), p, int(key))
-        else:  # laid out as x, so that the pass runs in memory order (channels_last too)
-            keep = torch.empty_like(x, dtype=torch.bool)
-            arrays = _flat_arrays(keep)
-            if arrays is None:
-                keep = keep_mask(tuple(x.shape), p, int(key))
-            else:
-                kernels = numba_kernels()
-                assert kernels is not None
-                kernels.draw_keep(arrays[0], int(key), _threshold(p))
+    def forward(x: Tensor, key: Tensor, p: float, scale: float) -> tuple[Tensor, Tensor]:
+        # laid out as x, so that the pass runs in memory order (channels_last too)
+        keep = torch.empty_like(x, dtype=torch.bool)
+        arrays = _flat_arrays(keep)
+        if arrays is None:
+            keep = keep_mask(tuple(x.shape), p, int(key))
+        else:
+            kernels = numba_kernels()
+            assert kernels is not None
+            kernels.draw_keep(arrays[0], int(key), _threshold(p))
         return apply_keep(x, keep, scale), keep
 
     @staticmethod
@@ -192,29 +183,29 @@ class _Dropout(torch.autograd.Function):
         ctx.scale = inputs[3]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor, _: Any) -> tuple[Tensor, None, None, None]:
         (keep,) = ctx.saved_tensors
-        return _ApplyKeep.apply(grad, keep, ctx.scale), None, None, None, None
+        return _ApplyKeep.apply(grad, keep, ctx.scale), None, None, None
 
     @staticmethod
     def vmap(
-        info: Any, in_dims: tuple[Any, ...], x: Tensor, key: Tensor, p: float, scale: float, channels: bool
+        info: Any, in_dims: tuple[Any, ...], x: Tensor, key: Tensor, p: float, scale: float
     ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
         x = _batch_first(x, in_dims[0], info.batch_size)
         if in_dims[1] is None:  # randomness="same": one key, one mask for every element
-            keep = keep_mask(_mask_shape(x[0], channels), p, int(key))
+            keep = keep_mask(tuple(x.shape[1:]), p, int(key))
             keep = keep.expand(info.batch_size, *keep.shape).contiguous()
             return (_ApplyKeep.apply(x, keep, scale), keep), (0, 0)
         keys = key.movedim(in_dims[1], 0)  # "different": a key, and a mask, per element
-        pairs = [_Dropout.apply(x[b], keys[b], p, scale, channels) for b in range(info.batch_size)]
+        pairs = [_Dropout.apply(x[b], keys[b], p, scale) for b in range(info.batch_size)]
         return (torch.stack([out for out, _ in pairs]), torch.stack([keep for _, keep in pairs])), (0, 0)
 
 
-def dropout(x: Tensor, p: float, scale: float, channels: bool = False, inplace: bool = False) -> Tensor:
-    """Element (or, batched (N, C, *spatial), channel) dropout of a CPU float32 / float64
-    tensor with ``0 < p < 1``: keep w.p. ``1 - p``, kept entries times ``scale``."""
+def dropout(x: Tensor, p: float, scale: float, inplace: bool = False) -> Tensor:
+    """Element dropout of a CPU float32 / float64 tensor with ``0 < p < 1``: keep w.p.
+    ``1 - p``, kept entries times ``scale``."""
     key = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)
-    out, _ = _Dropout.apply(x, key, p, scale, channels)
+    out, _ = _Dropout.apply(x, key, p, scale)
     return x.copy_(out) if inplace else out
 
 

@@ -70,19 +70,6 @@ def apply_elements(x: np.ndarray, keep: np.ndarray, scale: Any, out: np.ndarray)
 
 
 @_jit
-def apply_rows(x: np.ndarray, keep: np.ndarray, scale: Any, out: np.ndarray) -> None:
-    """``out[r, :] = x[r, :] * scale`` where ``keep[r]``, else +0.0 (the row unread)."""
-    zero = scale - scale
-    for r in range(keep.size):
-        if keep[r]:
-            for j in range(x.shape[1]):
-                out[r, j] = x[r, j] * scale
-        else:
-            for j in range(x.shape[1]):
-                out[r, j] = zero
-
-
-@_jit
 def noise_product(x: np.ndarray, noise: np.ndarray, sigma: Any, out: np.ndarray) -> None:
     """``noise = 1 + sigma * noise`` (in place) and ``out = x * noise``, in one pass."""
     for i in range(x.size):

@@ -77,9 +77,17 @@ def dropout(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool =
 
 
 def channel_dropout(x: Tensor, p: float | Tensor, inverted: bool = True, inplace: bool = False) -> Tensor:
-    """Channel dropout of a batched input (N, C, *spatial): one draw per (n, c)."""
+    """Channel dropout of a batched input (N, C, *spatial): one draw per (n, c).
+
+    One multiplication by the broadcast (N, C, 1, ...) mask, as torch's own channel
+    dropout computes it: the mask is small and the product one pass over ``x``, where a
+    ``torch.where`` would cost a second pass. So, as in torch, a dropped channel holding an
+    infinity or a NaN gives NaN there (p = 1 aside: the layers return exact zeros).
+    """
     mask_shape = (*x.shape[:2], *([1] * (x.dim() - 2)))
-    return apply_mask(x, keep_mask(mask_shape, p, x), keep_scale(p, inverted), inplace)
+    scale = torch.as_tensor(keep_scale(p, inverted), dtype=x.dtype, device=x.device)
+    mask = torch.where(keep_mask(mask_shape, p, x), scale, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.mul_(mask) if inplace else x * mask
 
 
 def gaussian_dropout(x: Tensor, sigma: float | Tensor) -> Tensor:

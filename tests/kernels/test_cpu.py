@@ -32,7 +32,7 @@ needs_numba = pytest.mark.skipif(
 @pytest.fixture
 def kernels_for_all_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Send every size to the kernels (where numba is present), so small inputs test them."""
-    for name in ("CPU_MIN_NUMEL", "CPU_MIN_NUMEL_CHANNELS", "CPU_MIN_NUMEL_GAUSSIAN"):
+    for name in ("CPU_MIN_NUMEL", "CPU_MIN_NUMEL_GAUSSIAN"):
         monkeypatch.setattr(kernels, name, 1)
 
 
@@ -95,13 +95,12 @@ def test_second_derivatives_match_finite_differences(channels: bool, kernels_for
     assert torch.autograd.gradgradcheck(fn, x, fast_mode=True)
 
 
-@pytest.mark.parametrize("channels", [False, True])
-def test_dropped_infinities_and_nans_give_exact_zeros(channels: bool, kernels_for_all_sizes: None) -> None:
+def test_dropped_infinities_and_nans_give_exact_zeros(kernels_for_all_sizes: None) -> None:
     x = torch.randn(8, 16, 64, requires_grad=True)
     with torch.no_grad():
         x[:, :, 3] = math.inf
         x[:, :, 5] = math.nan
-    y = kernels.drop_channels(x, 0.5) if channels else kernels.drop_elements(x, 0.5)
+    y = kernels.drop_elements(x, 0.5)
     dropped = y == 0
     assert 0 < int(dropped.sum()) < dropped.numel()
     assert not bool(y[dropped].signbit().any())
@@ -125,10 +124,6 @@ def test_layouts_are_kept_and_inplace_writes_the_input() -> None:
     assert torch.equal(y, torch.where(y != 0, x * 2.0, 0.0))
     z = _cpu.dropout(x.transpose(1, 3), 0.3, 2.0)  # strided: a mask in logical order
     assert torch.equal(z, torch.where(z != 0, x.transpose(1, 3) * 2.0, 0.0))
-    c = _cpu.dropout(x, 0.3, 2.0, channels=True)
-    assert c.is_contiguous(memory_format=torch.channels_last)
-    kept = (c != 0).flatten(2).any(2)[:, :, None, None]
-    assert torch.equal(c, torch.where(kept, x * 2.0, 0.0))
     inplace = x.clone()
     out = _cpu.dropout(inplace, 0.3, 2.0, inplace=True)
     assert out is inplace and torch.equal(out, torch.where(out != 0, x * 2.0, 0.0))
@@ -136,10 +131,10 @@ def test_layouts_are_kept_and_inplace_writes_the_input() -> None:
 
 @needs_numba
 def test_passes_write_nothing_past_their_tensors() -> None:
-    for numel, shape, channels in [(6 * 4, (2, 3, 4), True), (13, (13,), False), (15, (1, 5, 3), True)]:
+    for numel, shape in [(6 * 4, (2, 3, 4)), (13, (13,)), (15, (1, 5, 3))]:
         storage = torch.full((numel + 64,), 7.0)
         x = storage[:numel].view(shape)
-        _cpu.dropout(x, 0.5, 2.0, channels=channels, inplace=True)
+        _cpu.dropout(x, 0.5, 2.0, inplace=True)
         assert bool((storage[numel:] == 7.0).all()), shape
         assert set(x.unique().tolist()) <= {0.0, 14.0}
 
@@ -196,7 +191,7 @@ def _run_python(code: str, env: dict[str, str] | None = None) -> str:
 _MODES_SCRIPT = """
 import torch
 from lightning_dropout import kernels
-kernels.CPU_MIN_NUMEL = kernels.CPU_MIN_NUMEL_CHANNELS = kernels.CPU_MIN_NUMEL_GAUSSIAN = 1
+kernels.CPU_MIN_NUMEL = kernels.CPU_MIN_NUMEL_GAUSSIAN = 1
 x = torch.randn(64, 4096, requires_grad=True)
 w = torch.randn(32, 4096, requires_grad=True)
 with torch.inference_mode():
@@ -370,13 +365,12 @@ def test_the_dispatch_takes_the_kernels_from_their_thresholds(monkeypatch: pytes
         _cpu, "gaussian_dropout", lambda *a, _f=_cpu.gaussian_dropout: calls.append("gaussian") or _f(*a)
     )
     kernels.drop_elements(torch.ones(kernels.CPU_MIN_NUMEL), 0.5)
-    kernels.drop_channels(torch.ones(kernels.CPU_MIN_NUMEL_CHANNELS // 64, 16, 4), 0.5)
     kernels.gaussian_noise(torch.ones(kernels.CPU_MIN_NUMEL_GAUSSIAN), 0.5)
     kernels.drop_elements(torch.ones(kernels.CPU_MIN_NUMEL - 1), 0.5)  # the reference path
-    kernels.drop_channels(torch.ones(kernels.CPU_MIN_NUMEL_CHANNELS // 64 - 1, 16, 4), 0.5)
+    kernels.drop_channels(torch.ones(1 << 14, 16, 4), 0.5)  # channels: always torch ops
     kernels.gaussian_noise(torch.ones(kernels.CPU_MIN_NUMEL_GAUSSIAN - 1), 0.5)
     kernels.drop_elements(torch.ones(kernels.CPU_MIN_NUMEL), torch.tensor(0.5))  # a tensor p
-    assert calls == (["mask", "mask", "gaussian"] if _cpu.numba_kernels() is not None else [])
+    assert calls == (["mask", "gaussian"] if _cpu.numba_kernels() is not None else [])
 
 
 def test_inputs_and_weights_keep_resizable_storage(kernels_for_all_sizes: None) -> None:
