@@ -67,9 +67,10 @@ def _fits_triton(x: Tensor) -> bool:
 # From these many elements the numba kernels beat torch ops, forward + backward (by
 # ``python -m benchmarks.sizes``; benchmarks/results/sizes.md): below them a kernel call's
 # fixed cost (an autograd Function, a key, array views: some 50 us on 2 cores) exceeds what
-# it saves. The Gaussian pass saves only the arithmetic passes after torch's ``randn``.
+# it saves. The Gaussian pass saves only the arithmetic passes after torch's ``randn``: it
+# lost to torch ops at 1M elements (8.0 against 6.3 ms) and won at 4M (1.06x the formula).
 CPU_MIN_NUMEL = 1 << 14
-CPU_MIN_NUMEL_GAUSSIAN = 1 << 20
+CPU_MIN_NUMEL_GAUSSIAN = 1 << 22
 
 
 def _cpu_fast(x: Tensor, p: float | Tensor, min_numel: int) -> bool:
